@@ -1,0 +1,6 @@
+"""Optimizers and parameter grouping, one optimizer per module."""
+
+from megabatch.optim.param_groups import param_groups
+from megabatch.optim.rmsprop_warmup import RMSpropWarmup
+
+__all__ = ["RMSpropWarmup", "param_groups"]
