@@ -1,0 +1,5 @@
+import sys
+
+from megabatch.cli import main
+
+sys.exit(main())

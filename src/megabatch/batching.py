@@ -1,0 +1,92 @@
+"""How a global batch is split: into processes, emulated workers and micro-batches.
+
+The order of the images depends only on the seed and the epoch, and every
+global batch is cut the same way whatever the number of processes: process
+``r`` of ``P`` takes the ``r``-th contiguous share, and splits it into
+micro-batches that each hold whole workers. So one process emulating ``W``
+workers and ``P`` processes emulating ``W/P`` each see the same images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megabatch.errors import UserError
+
+DEFAULT_MAX_MICRO_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int
+    per_worker_batch: int
+    micro_batch: int
+    processes: int = 1
+    rank: int = 0
+
+    @classmethod
+    def create(cls, global_batch: int, per_worker_batch: int, micro_batch: int = 0,
+               processes: int = 1, rank: int = 0) -> "BatchPlan":
+        """Check the split and fill in an automatic micro-batch (``micro_batch=0``)."""
+        if global_batch % per_worker_batch:
+            raise UserError(f"global batch {global_batch} is not divisible by per_worker_batch "
+                            f"{per_worker_batch}")
+        workers = global_batch // per_worker_batch
+        if workers % processes:
+            raise UserError(f"{workers} workers (global batch {global_batch} / {per_worker_batch} "
+                            f"per worker) cannot be shared by {processes} processes: use a number "
+                            f"of processes that divides {workers}, or change batch.global_batch")
+        local = global_batch // processes
+        if micro_batch == 0:
+            per_pass = max(1, min(local, DEFAULT_MAX_MICRO_BATCH) // per_worker_batch)
+            while (local // per_worker_batch) % per_pass:
+                per_pass -= 1
+            micro_batch = per_pass * per_worker_batch
+        if micro_batch % per_worker_batch or local % micro_batch:
+            raise UserError(f"micro_batch {micro_batch} must be a multiple of per_worker_batch "
+                            f"{per_worker_batch} that divides the {local} images of each process "
+                            f"(global batch {global_batch} / {processes} processes)")
+        return cls(global_batch, per_worker_batch, micro_batch, processes, rank)
+
+    @property
+    def workers(self) -> int:
+        return self.global_batch // self.per_worker_batch
+
+    @property
+    def local_batch(self) -> int:
+        """Images per optimizer step in this process."""
+        return self.global_batch // self.processes
+
+    @property
+    def micro_batches(self) -> int:
+        """Forward/backward passes per optimizer step in this process."""
+        return self.local_batch // self.micro_batch
+
+    def steps_per_epoch(self, dataset_size: int) -> int:
+        """Full global batches per epoch; the last partial batch is dropped."""
+        steps = dataset_size // self.global_batch
+        if steps == 0:
+            raise UserError(f"the global batch {self.global_batch} is larger than the "
+                            f"{dataset_size} training images: lower batch.global_batch")
+        return steps
+
+    def local_slice(self) -> slice:
+        """This process's share of a global batch."""
+        return slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+
+    def micro_slices(self) -> list[slice]:
+        """The micro-batches of this process's share, relative to the share."""
+        return [slice(i, i + self.micro_batch) for i in range(0, self.local_batch, self.micro_batch)]
+
+
+def epoch_order(seed: int, epoch: int, dataset_size: int) -> torch.Tensor:
+    """The shuffled order of the training images in ``epoch``: a function of (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(dataset_size, generator=generator)
+
+
+def step_generator(seed: int, iteration: int) -> torch.Generator:
+    """The generator of a step's random augmentation: a function of (seed, iteration)."""
+    return torch.Generator().manual_seed((seed + 1) * 2_000_003 + iteration)

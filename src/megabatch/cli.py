@@ -1,0 +1,163 @@
+"""The ``megabatch`` command: parse, load the recipe, call one function per command.
+
+Bad input ends with one line ``megabatch: error: ...`` and exit status 2 (1 for a
+diverged run); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from megabatch import __version__
+from megabatch.errors import UserError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megabatch import recipe as recipes
+    from megabatch.train import fit, start_run
+
+    recipe = recipes.load(args.recipe, args.set)
+    stem = Path(recipe.name).stem if recipe.name.endswith(".toml") else recipe.name
+    out = Path(args.out) if args.out else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "metrics.jsonl").exists():
+        raise UserError(f"{out} already holds a run: choose another --out folder")
+    fit(start_run(recipe, args.data, out))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from megabatch import checkpoint
+    from megabatch.data import load_datasets
+    from megabatch.recipe import from_dict
+    from megabatch.train import build_model, evaluate, resolve_device
+
+    state = checkpoint.load(args.checkpoint)
+    recipe = from_dict(state["recipe"])
+    device = resolve_device(args.device or recipe.train.device)
+    _, test = load_datasets(recipe.data, args.data)
+    model = build_model(recipe, test.channels, len(test.classes), device)
+    model.load_state_dict(state["model"])
+    result = evaluate(model, test, device)
+    print(f"{args.checkpoint}: {recipe.name} after {state['iteration']} steps: "
+          f"top-1 {result['test_top1']:.2f}%  top-5 {result['test_top5']:.2f}%  "
+          f"loss {result['test_loss']:.4f}  ({len(test)} test images)")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from megabatch import recipe as recipes
+
+    names = recipes.builtin_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {recipes.describe(name)}")
+    return 0
+
+
+def parse_epochs(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--epochs {text!r} must be comma-separated numbers, e.g. 0,5,10.5") from None
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from megabatch import recipe as recipes
+    from megabatch.schedules import recipe_values
+
+    recipe = recipes.load(args.recipe, args.set)
+    if args.epochs is not None:
+        epochs = parse_epochs(args.epochs)
+    else:
+        if args.every <= 0:
+            raise UserError(f"--every must be > 0, got {args.every}")
+        count = int(recipe.train.epochs / args.every + 1e-9)
+        epochs = [i * args.every for i in range(count + 1)]
+    rows = [(e, *recipe_values(recipe, e)) for e in epochs]
+    print("epoch,lr,alpha_sgd")
+    for epoch, lr, alpha in rows:
+        print(f"{epoch:g},{lr:.6g},{alpha:.6g}")
+    if args.plot:
+        from megabatch.plots import plot_schedule
+
+        fine = max(recipe.train.epochs * 20, 200)
+        dense = [(e, *recipe_values(recipe, e)) for e in
+                 (i * recipe.train.epochs / fine for i in range(fine + 1))]
+        if plot_schedule(dense, Path(args.plot), title=f"{recipe.name} (global batch "
+                         f"{recipe.batch.global_batch})"):
+            print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from megabatch.simulate.command import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megabatch", description="Extremely large minibatch training (Akiba et al. 2017).")
+    parser.add_argument("--version", action="version", version=f"megabatch {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--recipe", required=True, help="built-in recipe name or a .toml file")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe value, e.g. --set batch.global_batch=4096 (repeatable)")
+
+    p = sub.add_parser("train", help="train a model with a recipe")
+    recipe_args(p)
+    p.add_argument("--data", help="folder with the data set (default: the recipe's, e.g. "
+                                   "/usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", help="run directory (default: runs/<recipe>-<date>-<time>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: test top-1 and top-5")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (final.pt or step-*.pt)")
+    p.add_argument("--data", help="folder with the data set (default: the recipe's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: the recipe's")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("schedule", help="print a recipe's learning rate and alpha_sgd as CSV")
+    recipe_args(p)
+    p.add_argument("--epochs", help="comma-separated epochs, e.g. 0,5,10.5")
+    p.add_argument("--every", type=float, default=1.0, help="sample every K epochs (default 1)")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw lr and alpha_sgd against epochs")
+    p.set_defaults(func=cmd_schedule)
+
+    try:
+        from megabatch.simulate.command import configure_parser
+    except ImportError:  # pragma: no cover - the simulator ships with the package
+        configure_parser = None
+    if configure_parser is not None:
+        p = sub.add_parser("simulate", help="predict time and scaling efficiency on a cluster")
+        configure_parser(p)
+        p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"megabatch: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("megabatch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

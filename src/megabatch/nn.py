@@ -1,0 +1,180 @@
+"""Batch normalization as the paper's workers do it, emulated or real.
+
+Training: every worker normalizes its own ``per_worker_batch`` images with their
+own statistics. :class:`GhostBatchNorm2d` is :class:`torch.nn.BatchNorm2d` that
+splits a forward batch holding several emulated workers into groups of
+``group_size`` images and normalizes each group separately, so one forward pass
+over ``k * group_size`` images computes exactly what ``k`` workers would.
+
+Evaluation statistics: PyTorch's BN stores ``momentum * batch + (1 - momentum) *
+running``; ``momentum=1.0`` therefore keeps exactly the last batch's mean and
+unbiased variance, which is the paper's "BN without moving averages"
+(:func:`use_last_batch_stats`). Across workers, those stored statistics are
+averaged element-wise (ChainerMN's AllreducePersistent):
+
+* emulated workers inside one process: :func:`step_statistics` wraps one
+  optimizer step (all its micro-batches) so the stored statistics become the
+  average over every worker of that step, then applies the layer's momentum once;
+* processes: :func:`average_bn_stats` all-reduces the stored statistics.
+
+EMA is linear, so the same two mechanisms are also exact for
+``bn = "moving_average"``: the average of every worker's moving average is the
+moving average of the per-step worker averages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+BN_MODES = ("moving_average", "last_batch")
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from groups of ``group_size`` images.
+
+    Each group of consecutive images in the batch is one (emulated) worker:
+    it is normalized with its own mean and biased variance, exactly as
+    ``nn.BatchNorm2d`` would normalize that group alone. The running statistics
+    receive the average over groups of each group's mean and unbiased variance.
+    ``group_size=None`` (or a batch of one group) is plain ``nn.BatchNorm2d``.
+    The state dict is that of ``nn.BatchNorm2d``.
+    """
+
+    def __init__(self, num_features: int, group_size: int | None = None, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        if group_size is not None and group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (BN needs two images), got {group_size}")
+        self.group_size = group_size
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if not self.training or self.group_size is None or n == self.group_size:
+            return super().forward(x)
+        if n % self.group_size:
+            raise ValueError(
+                f"batch of {n} images does not split into groups of {self.group_size}"
+            )
+        k, b, c = n // self.group_size, self.group_size, self.num_features
+        # Put the groups side by side as channels: (b, k*c, H, W). One call to
+        # PyTorch's own batch_norm then normalizes every (group, channel) pair
+        # and, with momentum 1, returns each group's mean and unbiased variance.
+        grouped = x.reshape(k, b, c, *x.shape[2:]).transpose(0, 1).reshape(b, k * c, *x.shape[2:])
+        mean = x.new_zeros(k * c, dtype=torch.float32 if x.dtype == torch.float16 else x.dtype)
+        var = torch.ones_like(mean)
+        weight = self.weight.repeat(k) if self.affine else None
+        bias = self.bias.repeat(k) if self.affine else None
+        y = F.batch_norm(grouped, mean, var, weight, bias, True, 1.0, self.eps)
+        y = y.reshape(b, k, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+        if self.track_running_stats:
+            self._update_running_stats(mean.view(k, c).mean(0), var.view(k, c).mean(0))
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        # The same rule as nn.BatchNorm2d: momentum=None is a cumulative average.
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(var.to(self.running_var.dtype), factor)
+
+
+def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """All batch-norm layers of ``model`` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def convert_to_ghost_bn(model: nn.Module, group_size: int | None) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` of ``model`` by a :class:`GhostBatchNorm2d`
+    with the same parameters, buffers and settings, in place; returns ``model``."""
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            ghost = GhostBatchNorm2d(
+                child.num_features, group_size, eps=child.eps, momentum=child.momentum,
+                affine=child.affine, track_running_stats=child.track_running_stats,
+            ).to(device=child.weight.device if child.affine else None)
+            ghost.load_state_dict(child.state_dict())
+            ghost.train(child.training)
+            setattr(model, name, ghost)
+        else:
+            convert_to_ghost_bn(child, group_size)
+    return model
+
+
+def use_last_batch_stats(model: nn.Module) -> nn.Module:
+    """Make every BN layer store the last training batch's statistics (mean and
+    unbiased variance) instead of a moving average: ``momentum = 1.0``."""
+    for layer in batch_norm_layers(model):
+        layer.momentum = 1.0
+    return model
+
+
+def set_bn_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Apply a recipe's ``bn`` setting: "last_batch" or "moving_average" (PyTorch's 0.1)."""
+    if mode == "last_batch":
+        return use_last_batch_stats(model)
+    if mode == "moving_average":
+        for layer in batch_norm_layers(model):
+            layer.momentum = 0.1
+        return model
+    raise ValueError(f"unknown bn mode {mode!r}; choose one of {BN_MODES}")
+
+
+@contextlib.contextmanager
+def step_statistics(model: nn.Module) -> Iterator[None]:
+    """Treat all forward passes inside the block as the workers of one optimizer step.
+
+    Inside, every BN layer averages the statistics of all its forward passes
+    (micro-batches); on exit the layer's own momentum is applied once to that
+    average, as if each worker had seen its batch in a single forward pass. With
+    equal micro-batches, the result is the element-wise average over workers.
+    """
+    layers = batch_norm_layers(model)
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in layers]
+    for m in layers:
+        m.momentum = None  # PyTorch's cumulative average over this step's passes
+        m.num_batches_tracked.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (momentum, mean, var, count) in zip(layers, saved):
+                seen = int(m.num_batches_tracked)
+                m.momentum = momentum
+                if seen == 0:  # no forward pass in training mode: leave the layer as it was
+                    m.num_batches_tracked.copy_(count)
+                    continue
+                factor = 1.0 if momentum is None else momentum
+                m.running_mean.copy_(mean.lerp_(m.running_mean, factor))
+                m.running_var.copy_(var.lerp_(m.running_var, factor))
+                m.num_batches_tracked.copy_(count + 1)
+
+
+@torch.no_grad()
+def average_bn_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Average every BN layer's stored mean and variance over all processes
+    (one fp32 all-reduce), so evaluation and checkpoints agree on every rank.
+    A no-op outside ``torch.distributed`` or with one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    layers = batch_norm_layers(model)
+    if not layers:
+        return
+    stats = [t for m in layers for t in (m.running_mean, m.running_var)]
+    flat = torch.cat([t.float().flatten() for t in stats])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for t in stats:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

@@ -1,0 +1,66 @@
+"""Figures of a run and of a schedule, drawn with matplotlib when it is installed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Training loss, test top-1, learning rate and alpha_sgd against epochs."""
+    plt = _pyplot()
+    if plt is None:
+        print(f"matplotlib is not installed: {path} not drawn (pip install matplotlib)", file=sys.stderr)
+        return None
+    epochs = [m["epoch"] for m in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(epochs, [m["train_loss"] for m in history], marker=".")
+    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log")
+    tested = [m for m in history if "test_top1" in m]
+    axes[1].plot([m["epoch"] for m in tested], [m["test_top1"] for m in tested], marker=".")
+    axes[1].set(xlabel="epoch", ylabel="test top-1 (%)")
+    axes[2].plot(epochs, [m["lr"] for m in history], marker=".", label="lr (end of epoch)")
+    axes[2].set(xlabel="epoch", ylabel="learning rate")
+    twin = axes[2].twinx()
+    twin.plot(epochs, [m["alpha_sgd"] for m in history], color="tab:orange", marker=".")
+    twin.set(ylabel="alpha_sgd", ylim=(0, 1.05))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_schedule(rows: Sequence[tuple[float, float, float]], path: Path, title: str = "") -> Path | None:
+    """Learning rate (left axis) and alpha_sgd (right axis) against the epoch."""
+    plt = _pyplot()
+    if plt is None:
+        print(f"matplotlib is not installed: {path} not drawn (pip install matplotlib)", file=sys.stderr)
+        return None
+    epochs, lrs, alphas = zip(*rows)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, lrs, label="lr")
+    ax.set(xlabel="epoch", ylabel="learning rate", title=title)
+    twin = ax.twinx()
+    twin.plot(epochs, alphas, color="tab:orange", label="alpha_sgd")
+    twin.set(ylabel="alpha_sgd", ylim=(0, 1.05))
+    fig.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

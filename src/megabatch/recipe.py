@@ -1,0 +1,327 @@
+"""Recipes: typed dataclasses, one per component, loaded from TOML.
+
+A recipe file has a top-level ``description`` (and optionally ``base``, the
+name of a recipe it extends) and one table per component below. Every key is
+checked: an unknown key or a value of the wrong type is a one-line
+:class:`~megabatch.errors.UserError` naming the key. ``--set section.key=value``
+overrides any value after loading.
+
+Hyperparameters are written independently of the batch size: the learning
+rate is given per 256 images and multiplied by ``global_batch / 256``
+(:attr:`Recipe.base_lr`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from megabatch.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "small-cnn"
+    """Architecture: "small-cnn" (28x28 images), "resnet18" or "resnet50" (torchvision)."""
+    bn: str = "moving_average"
+    """Evaluation statistics of batch norm: "moving_average" (PyTorch's default,
+    momentum 0.1) or "last_batch" (the paper: last step's statistics, averaged over workers)."""
+    zero_init_residual: bool = False
+    """Start each residual block's last BN scale at zero (Goyal et al.; ResNets only)."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    """"fashion-mnist" (real data, idx files) or "synthetic" (random images, for smoke tests)."""
+    path: str = ""
+    """Folder of the data; empty means the default (/usr/share/datasets/fashion-mnist).
+    The command line's --data DIR overrides it."""
+    augment: bool = False
+    """Random horizontal flip and translation by up to 2 pixels of the training images."""
+    train_subset: int = 0
+    """Train on the first N training images only (0 = all): for quick runs and tests."""
+    test_subset: int = 0
+    """Evaluate on the first N test images only (0 = all)."""
+    synthetic_size: list[int] = field(default_factory=lambda: [4096, 1024, 28, 1, 10])
+    """Synthetic data only: train images, test images, image size, channels, classes."""
+
+
+@dataclass
+class BatchConfig:
+    global_batch: int = 128
+    """Images per optimizer step, over all workers."""
+    per_worker_batch: int = 32
+    """Images per worker: each worker's batch-norm statistics come from this many images."""
+    micro_batch: int = 0
+    """Images per forward pass on one device, a multiple of per_worker_batch. A memory
+    knob only: it never changes the result. 0 = min(1024, the process's share of the batch)."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    """"sgd" (momentum SGD) or "rmsprop_warmup" (the paper's RMSprop warm-up)."""
+    lr_per_256: float = 0.1
+    """Learning rate for 256 images; the run uses lr_per_256 * global_batch / 256."""
+    momentum: float = 0.9
+    """Momentum (mu1 in the paper)."""
+    weight_decay: float = 1e-4
+    """L2 weight decay, added to the gradient."""
+    no_decay_bn_bias: bool = False
+    """No weight decay on batch-norm parameters and biases."""
+    rms_decay: float = 0.99
+    """rmsprop_warmup: decay of the squared-gradient average (mu2)."""
+    eps: float = 1e-8
+    """rmsprop_warmup: added to the root mean square."""
+    rmsprop_lr: float = 3e-4
+    """rmsprop_warmup: learning rate of the RMSprop phase (eta_RMSprop, not scaled by batch)."""
+    alpha_center: float = 10.0
+    """rmsprop_warmup: epoch at which alpha_sgd reaches 0.5 (beta_center)."""
+    alpha_period: float = 5.0
+    """rmsprop_warmup: length of the RMSprop-to-SGD transition in epochs (beta_period)."""
+
+
+@dataclass
+class ScheduleConfig:
+    boundaries: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])
+    """Epochs at which the learning-rate factor changes."""
+    factors: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01, 0.001])
+    """Multiple of the base learning rate in each interval (one more than boundaries).
+    The paper's slow start is [0.5, 0.075, 0.01, 0.001] at [40, 70, 85]."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up from lr_per_256 (the small-batch rate) to the first phase over this
+    many epochs (Goyal et al.: 5). 0 = none."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    """Passes over the training set."""
+    seed: int = 0
+    """Seed of the initialization, the data order and the augmentation."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = no limit): for smoke tests."""
+    eval_every: int = 1
+    """Evaluate on the test set every N epochs (and always after the last)."""
+    keep_checkpoints: int = 2
+    """Keep the newest K checkpoints in the run directory."""
+    device: str = "auto"
+    """"auto" (CUDA if available, else CPU), "cpu" or "cuda"."""
+
+
+@dataclass
+class Recipe:
+    description: str = ""
+    """One line saying what the recipe is for (shown by `megabatch recipes`)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = ""
+    """The recipe's name or file; set by the loader."""
+
+    @property
+    def workers(self) -> int:
+        return self.batch.global_batch // self.batch.per_worker_batch
+
+    @property
+    def base_lr(self) -> float:
+        """eta_base = lr_per_256 * global_batch / 256."""
+        return self.optimizer.lr_per_256 * self.batch.global_batch / 256
+
+    def validate(self) -> "Recipe":
+        """Check values that types alone cannot; raises UserError naming the key."""
+        choices = {
+            "model.arch": (self.model.arch, ("small-cnn", "resnet18", "resnet50")),
+            "model.bn": (self.model.bn, ("moving_average", "last_batch")),
+            "data.dataset": (self.data.dataset, ("fashion-mnist", "synthetic")),
+            "optimizer.name": (self.optimizer.name, ("sgd", "rmsprop_warmup")),
+            "train.device": (self.train.device, ("auto", "cpu", "cuda")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise UserError(f"recipe key {key} = {value!r} is not one of {', '.join(allowed)}")
+        b = self.batch
+        for key, value in (("batch.global_batch", b.global_batch),
+                           ("batch.per_worker_batch", b.per_worker_batch), ("train.epochs", self.train.epochs)):
+            if value < 1:
+                raise UserError(f"recipe key {key} must be at least 1, got {value}")
+        if b.global_batch % b.per_worker_batch:
+            raise UserError(f"batch.global_batch = {b.global_batch} is not divisible by "
+                            f"batch.per_worker_batch = {b.per_worker_batch}: make it a multiple "
+                            f"(workers x per_worker_batch)")
+        if b.micro_batch < 0 or b.micro_batch % b.per_worker_batch:
+            raise UserError(f"batch.micro_batch = {b.micro_batch} is not a multiple of "
+                            f"batch.per_worker_batch = {b.per_worker_batch}: each forward pass must "
+                            f"hold whole workers (or set 0 for automatic)")
+        s = self.schedule
+        if len(s.factors) != len(s.boundaries) + 1:
+            raise UserError(f"schedule.factors needs {len(s.boundaries) + 1} values for "
+                            f"{len(s.boundaries)} boundaries, got {len(s.factors)}")
+        if s.boundaries != sorted(s.boundaries):
+            raise UserError(f"schedule.boundaries must increase, got {s.boundaries}")
+        if self.data.dataset == "synthetic" and len(self.data.synthetic_size) != 5:
+            raise UserError("data.synthetic_size needs 5 values: train images, test images, "
+                            "image size, channels, classes")
+        return self
+
+
+# --- loading ---------------------------------------------------------------------------
+
+def builtin_names() -> list[str]:
+    """Names of the recipes shipped in megabatch/recipes."""
+    folder = resources.files("megabatch") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _read_toml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{origin} is not valid TOML: {e}") from None
+
+
+def _raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The recipe's tables, with its ``base`` recipes merged underneath."""
+    if name_or_path in seen:
+        raise UserError(f"recipe {name_or_path} extends itself (base chain {' -> '.join(seen)})")
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UserError(f"recipe file {path} does not exist")
+        data = _read_toml(path.read_text(), str(path))
+    elif name_or_path in builtin_names():
+        text = (resources.files("megabatch") / "recipes" / f"{name_or_path}.toml").read_text()
+        data = _read_toml(text, f"built-in recipe {name_or_path}")
+    else:
+        raise UserError(f"unknown recipe {name_or_path!r}: choose one of {', '.join(builtin_names())} "
+                        f"(`megabatch recipes` describes them) or give a .toml file")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _raw(str(base), seen + (name_or_path,))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``kind``; ints are accepted as floats."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise UserError(f"recipe key {key} must be a list of {item.__name__}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise UserError(f"recipe key {key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not (cls is Recipe and f.name == "name")]
+    values = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(f"unknown recipe key {path}; known keys{' in [' + prefix[:-1] + ']' if prefix else ''}: "
+                            f"{', '.join(names)}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise UserError(f"recipe key {path} must be a table [{path}], got {value!r}")
+            values[key] = _build(kind, value, f"{path}.")
+        else:
+            values[key] = _coerce(value, kind, path)
+    return cls(**values)
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """``"optimizer.lr_per_256=0.2"`` -> (["optimizer", "lr_per_256"], 0.2).
+
+    The value is read as a TOML value (numbers, booleans, lists, quoted strings);
+    anything that is not valid TOML is taken as a plain string.
+    """
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {assignment!r} must look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key.strip().split("."), value
+
+
+def load(name_or_path: str, overrides: list[str] = ()) -> Recipe:
+    """Load a built-in recipe by name or a TOML file, apply ``--set`` overrides, validate."""
+    data = _raw(name_or_path)
+    for assignment in overrides:
+        path, value = parse_override(assignment)
+        table = data
+        for part in path[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise UserError(f"--set {assignment}: {part} is not a table")
+        table[path[-1]] = value
+    recipe = _build(Recipe, data, "")
+    recipe.name = name_or_path
+    return recipe.validate()
+
+
+def from_dict(data: dict[str, Any]) -> Recipe:
+    """Rebuild a recipe saved with :func:`to_dict` (e.g. in a checkpoint)."""
+    data = dict(data)
+    name = data.pop("name", "")
+    recipe = _build(Recipe, data, "")
+    recipe.name = name
+    return recipe.validate()
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML that :func:`load` reads back to the same values."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return "[" + ", ".join(value(x) for x in v) + "]"
+
+    data = to_dict(recipe)
+    lines = [f"# resolved recipe (from {recipe.name})", f"description = {value(data.pop('description'))}"]
+    data.pop("name")
+    for section, table in data.items():
+        lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def describe(name: str) -> str:
+    """The one-line description of a built-in recipe."""
+    return load(name).description

@@ -1,0 +1,105 @@
+"""Learning-rate and RMSprop-warm-up schedules as pure functions of the epoch.
+
+Every function here takes the *fractional* epoch ``iteration / iterations_per_epoch``
+and returns a number; the trainer calls them every iteration with the count
+passed in explicitly, so a resumed run only needs the iteration (no scheduler
+object with hidden state, as in torchtitan's ``lr_scheduler.py``).
+
+Formulas are those of Akiba et al. 2017 and Goyal et al. 2017, written out in
+``shared/reference/paper.md``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Sequence
+
+SLOW_START_BOUNDARIES = (40.0, 70.0, 85.0)
+SLOW_START_FACTORS = (0.5, 0.075, 0.01, 0.001)
+GOYAL_BOUNDARIES = (30.0, 60.0, 80.0)
+GOYAL_FACTORS = (1.0, 0.1, 0.01, 0.001)
+
+
+def piecewise_lr(
+    epoch: float,
+    base_lr: float,
+    boundaries: Sequence[float],
+    factors: Sequence[float],
+    warmup_epochs: float = 0.0,
+    warmup_start_lr: float = 0.0,
+) -> float:
+    """``base_lr * factors[i]`` in the i-th interval between ``boundaries``.
+
+    With ``warmup_epochs > 0`` the learning rate first rises linearly from
+    ``warmup_start_lr`` at epoch 0 to the first phase's value at
+    ``warmup_epochs`` (Goyal et al.'s gradual warm-up).
+    """
+    if len(factors) != len(boundaries) + 1:
+        raise ValueError(
+            f"need one factor more than boundaries, got {len(factors)} factors "
+            f"for {len(boundaries)} boundaries"
+        )
+    if list(boundaries) != sorted(boundaries):
+        raise ValueError(f"boundaries must be increasing, got {list(boundaries)}")
+    lr = base_lr * factors[bisect.bisect_right(boundaries, epoch)]
+    if epoch < warmup_epochs:
+        lr = warmup_start_lr + (lr - warmup_start_lr) * epoch / warmup_epochs
+    return lr
+
+
+def slow_start_lr(
+    epoch: float,
+    base_lr: float,
+    boundaries: Sequence[float] = SLOW_START_BOUNDARIES,
+    factors: Sequence[float] = SLOW_START_FACTORS,
+) -> float:
+    """Akiba et al.'s slow-start schedule: no ramp, a low and long first phase.
+
+    ``base_lr`` is eta_base = 0.1 * B / 256; the default factors give 0.5, 0.075,
+    0.01 and 0.001 of it in epochs [0, 40), [40, 70), [70, 85), [85, ...).
+    """
+    return piecewise_lr(epoch, base_lr, boundaries, factors)
+
+
+def goyal_lr(
+    epoch: float,
+    base_lr: float,
+    small_batch_lr: float,
+    warmup_epochs: float = 5.0,
+    boundaries: Sequence[float] = GOYAL_BOUNDARIES,
+    factors: Sequence[float] = GOYAL_FACTORS,
+) -> float:
+    """Goyal et al.'s schedule: linear warm-up from the small-batch learning rate
+    to ``base_lr`` (= small_batch_lr * B / 256) over 5 epochs, then /10 at 30, 60, 80."""
+    return piecewise_lr(epoch, base_lr, boundaries, factors, warmup_epochs, small_batch_lr)
+
+
+def alpha_sgd(epoch: float, center: float = 10.0, period: float = 5.0) -> float:
+    """Weight of the SGD term in RMSprop warm-up (an ELU-like curve, clamped at 1).
+
+    alpha(e) = 0.5 * exp(2 (e - center) / period)      for e <  center
+             = min(1, 0.5 + 2 (e - center) / period)   for e >= center
+
+    This is the formula as printed in the paper; with the defaults it reaches
+    1 (pure momentum SGD) at epoch 11.25.
+    """
+    if period <= 0:
+        raise ValueError(f"period must be > 0, got {period}")
+    z = (epoch - center) / period
+    if epoch < center:
+        return 0.5 * math.exp(2.0 * z)
+    return min(1.0, 0.5 + 2.0 * z)
+
+
+def recipe_values(recipe, epoch: float) -> tuple[float, float]:
+    """(learning rate, alpha_sgd) of a :class:`megabatch.recipe.Recipe` at ``epoch``.
+
+    The learning rate is ``schedule.factors`` times the batch-scaled base rate,
+    after the optional linear warm-up from the batch-256 rate; alpha_sgd follows
+    the RMSprop warm-up curve for ``rmsprop_warmup`` and is 1 (plain SGD) otherwise.
+    """
+    s, o = recipe.schedule, recipe.optimizer
+    lr = piecewise_lr(epoch, recipe.base_lr, s.boundaries, s.factors, s.warmup_epochs, o.lr_per_256)
+    alpha = alpha_sgd(epoch, o.alpha_center, o.alpha_period) if o.name == "rmsprop_warmup" else 1.0
+    return lr, alpha
