@@ -43,7 +43,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "fashion-mnist"
-    """"fashion-mnist" (real data, idx files) or "synthetic" (random images, for smoke tests)."""
+    """"fashion-mnist" (real data, idx files), "synthetic" (random images, for smoke tests)
+    or "imagenet" (the ImageNet folder layout; its input pipeline is not implemented yet)."""
     path: str = ""
     """Folder of the data; empty means the default (/usr/share/datasets/fashion-mnist).
     The command line's --data DIR overrides it."""
@@ -149,7 +150,7 @@ class Recipe:
         choices = {
             "model.arch": (self.model.arch, ("small-cnn", "resnet18", "resnet50")),
             "model.bn": (self.model.bn, ("moving_average", "last_batch")),
-            "data.dataset": (self.data.dataset, ("fashion-mnist", "synthetic")),
+            "data.dataset": (self.data.dataset, ("fashion-mnist", "synthetic", "imagenet")),
             "optimizer.name": (self.optimizer.name, ("sgd", "rmsprop_warmup")),
             "train.device": (self.train.device, ("auto", "cpu", "cuda")),
         }

@@ -67,8 +67,9 @@ class ImageTensors:
 
     def batch(self, index: torch.Tensor, device: torch.device | str = "cpu",
               augmentation: Augmentation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``index`` as normalized float tensors on ``device``, with their labels."""
-        x = self.images[index].to(device, non_blocking=True).float().div_(255.0)
+        """Images ``index`` as normalized tensors of the default float dtype on ``device``,
+        with their labels."""
+        x = self.images[index].to(device, non_blocking=True).to(torch.get_default_dtype()).div_(255.0)
         if augmentation is not None:
             x = augmentation.apply(x)
         x = x.sub_(self.mean).div_(self.std)

@@ -1,0 +1,53 @@
+"""Batch splitting: processes, workers and micro-batches."""
+
+import pytest
+import torch
+
+from megabatch.batching import BatchPlan, epoch_order, step_generator
+from megabatch.errors import UserError
+
+
+def test_paper_configuration_on_one_process():
+    plan = BatchPlan.create(32768, 32, 512)
+    assert (plan.workers, plan.local_batch, plan.micro_batches) == (1024, 32768, 64)
+    assert plan.steps_per_epoch(1_281_167) == 39
+
+
+@pytest.mark.parametrize("global_batch, processes, expected", [
+    (128, 1, 128), (2048, 1, 1024), (32768, 1, 1024), (96, 1, 96), (3 * 32 * 11, 1, 352),
+])
+def test_automatic_micro_batch_holds_whole_workers_and_divides_the_share(global_batch, processes, expected):
+    plan = BatchPlan.create(global_batch, 32, 0, processes)
+    assert plan.micro_batch == expected
+    assert plan.micro_batch % 32 == 0 and plan.local_batch % plan.micro_batch == 0
+
+
+def test_process_shares_are_disjoint_and_cover_the_global_batch():
+    batch = torch.arange(256)
+    shares = [batch[BatchPlan.create(256, 32, 64, 4, rank).local_slice()] for rank in range(4)]
+    assert torch.equal(torch.cat(shares), batch)
+    plan = BatchPlan.create(256, 32, 32, 4, 3)
+    assert [s.stop - s.start for s in plan.micro_slices()] == [32, 32]
+
+
+@pytest.mark.parametrize("args, message", [
+    ((100, 32, 0, 1), "not divisible by per_worker_batch"),
+    ((96, 32, 0, 2), "cannot be shared by 2 processes"),
+    ((128, 32, 48, 1), "must be a multiple of per_worker_batch"),
+    ((128, 32, 96, 1), "that divides the 128 images"),
+])
+def test_impossible_splits_are_user_errors(args, message):
+    with pytest.raises(UserError, match=message):
+        BatchPlan.create(*args)
+
+
+def test_global_batch_larger_than_dataset():
+    with pytest.raises(UserError, match="larger than the 100 training images"):
+        BatchPlan.create(128, 32).steps_per_epoch(100)
+
+
+def test_order_and_augmentation_depend_only_on_seed_and_position():
+    assert torch.equal(epoch_order(1, 3, 1000), epoch_order(1, 3, 1000))
+    assert not torch.equal(epoch_order(1, 3, 1000), epoch_order(1, 4, 1000))
+    assert sorted(epoch_order(0, 0, 50).tolist()) == list(range(50))
+    assert torch.equal(torch.rand(5, generator=step_generator(0, 7)), torch.rand(5, generator=step_generator(0, 7)))

@@ -1,0 +1,180 @@
+"""Batch norm without moving averages: ghost batches equal separate workers, the
+stored statistics are the workers' average, and processes agree after averaging."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision
+from torch import nn
+
+from megabatch.nn import (GhostBatchNorm2d, average_bn_stats, convert_to_ghost_bn, set_bn_mode,
+                          step_statistics, use_last_batch_stats)
+
+C, B = 3, 8  # channels, images per worker
+
+
+def workers_input(k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Each worker's images get their own offset and scale, so mixing them up would show.
+    x = torch.randn(k, B, C, 5, 4, generator=g, dtype=torch.float64)
+    x = x * torch.arange(1, k + 1, dtype=torch.float64)[:, None, None, None, None] + torch.arange(k)[:, None, None, None, None]
+    return x.reshape(k * B, C, 5, 4)
+
+
+def ghost(momentum: float | None = 1.0) -> GhostBatchNorm2d:
+    layer = GhostBatchNorm2d(C, group_size=B, momentum=momentum).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    return layer
+
+
+def plain_from(layer: GhostBatchNorm2d) -> nn.BatchNorm2d:
+    plain = nn.BatchNorm2d(C, momentum=layer.momentum).double()
+    plain.load_state_dict(layer.state_dict())
+    return plain
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_ghost_batches_equal_separate_workers_forward_and_backward(k):
+    x = workers_input(k).requires_grad_()
+    layer = ghost()
+    y = layer(x)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+
+    grads_w, grads_b = torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
+    for w in range(k):
+        xw = x.detach()[w * B:(w + 1) * B].clone().requires_grad_()
+        worker = plain_from(ghost())
+        yw = worker(xw)
+        (yw * upstream[w * B:(w + 1) * B]).sum().backward()
+        torch.testing.assert_close(y[w * B:(w + 1) * B], yw, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x.grad[w * B:(w + 1) * B], xw.grad, rtol=1e-10, atol=1e-12)
+        grads_w += worker.weight.grad
+        grads_b += worker.bias.grad
+    torch.testing.assert_close(layer.weight.grad, grads_w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, grads_b, rtol=1e-10, atol=1e-12)
+
+
+def worker_stats(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each worker's mean and unbiased variance per channel, averaged over workers."""
+    groups = x.reshape(k, B, C, -1).transpose(1, 2).reshape(k, C, -1)
+    return groups.mean(-1).mean(0), groups.var(-1, unbiased=True).mean(0)
+
+
+def test_last_batch_stats_are_the_workers_average_of_unbiased_statistics():
+    x = workers_input(4)
+    layer = ghost()
+    with step_statistics(layer):
+        layer(x)
+    mean, var = worker_stats(x, 4)
+    torch.testing.assert_close(layer.running_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [1.0, 0.1])
+def test_micro_batches_inside_a_step_equal_one_pass(momentum):
+    x = workers_input(6)
+    one, split = ghost(momentum), ghost(momentum)
+    for step in range(3):  # several steps: the moving average carries over
+        xs = x + step
+        with step_statistics(one):
+            one(xs)
+        with step_statistics(split):
+            for part in xs.split(2 * B):
+                split(part)
+    torch.testing.assert_close(one.running_mean, split.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(one.running_var, split.running_var, rtol=1e-12, atol=1e-12)
+    assert int(one.num_batches_tracked) == int(split.num_batches_tracked) == 3
+    assert one.momentum == split.momentum == momentum
+
+
+def test_moving_average_is_pytorchs_update_of_the_workers_average():
+    x = workers_input(3)
+    layer = ghost(0.1)
+    with step_statistics(layer):
+        for part in x.split(B):
+            layer(part)
+    mean, var = worker_stats(x, 3)
+    torch.testing.assert_close(layer.running_mean, 0.9 * torch.zeros(C, dtype=torch.float64) + 0.1 * mean)
+    torch.testing.assert_close(layer.running_var, 0.9 * torch.ones(C, dtype=torch.float64) + 0.1 * var)
+
+
+def test_one_group_is_exactly_pytorch_batchnorm():
+    x = workers_input(1)
+    layer = ghost(0.1)
+    plain = plain_from(layer)
+    torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(layer.running_var, plain.running_var, rtol=0, atol=0)
+
+
+def test_evaluation_uses_stored_statistics():
+    x = workers_input(2)
+    layer = ghost()
+    with step_statistics(layer):
+        layer(x)
+    layer.eval()
+    mean, var = worker_stats(x, 2)
+    expected = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + layer.eps)
+    expected = expected * layer.weight[None, :, None, None] + layer.bias[None, :, None, None]
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_that_does_not_split_into_workers_is_an_error():
+    with pytest.raises(ValueError, match="groups of 8"):
+        ghost()(torch.randn(12, C, 2, 2, dtype=torch.float64))
+
+
+def test_conversion_keeps_state_dict_and_torchvision_loads_it():
+    model = torchvision.models.resnet18(num_classes=10)
+    reference = copy.deepcopy(model.state_dict())
+    convert_to_ghost_bn(model, 4)
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    assert sum(isinstance(m, GhostBatchNorm2d) for m in model.modules()) == 20
+    state = model.state_dict()
+    assert list(state) == list(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in state)
+    torchvision.models.resnet18(num_classes=10).load_state_dict(state, strict=True)
+
+
+def test_bn_modes():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.BatchNorm2d(2))
+    assert all(m.momentum == 1.0 for m in use_last_batch_stats(model)[1:])
+    assert all(m.momentum == 0.1 for m in set_bn_mode(model, "moving_average")[1:])
+    with pytest.raises(ValueError, match="unknown bn mode"):
+        set_bn_mode(model, "sync")
+
+
+def test_average_bn_stats_outside_distributed_is_a_no_op():
+    layer = ghost()
+    before = copy.deepcopy(layer.state_dict())
+    average_bn_stats(layer)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+def _average_worker(rank: int, world: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        layer = nn.BatchNorm2d(C)
+        layer.running_mean.fill_(float(rank + 1))
+        layer.running_var.fill_(float(10 * (rank + 1)))
+        average_bn_stats(nn.Sequential(layer))
+        results[rank] = (layer.running_mean.tolist(), layer.running_var.tolist())
+        dist.barrier()  # avoids a teardown abort of gloo right after collectives
+    finally:
+        dist.destroy_process_group()
+
+
+def test_average_bn_stats_over_two_gloo_processes(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_average_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+        results = dict(results)
+    for rank in (0, 1):
+        assert results[rank] == ([1.5] * C, [15.0] * C)

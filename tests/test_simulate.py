@@ -1,0 +1,328 @@
+"""megabatch simulate: the all-reduce formulas against hand-computed cases, the
+model's monotonic behaviour, the paper's record, and the command's input and output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from dataclasses import replace
+from io import StringIO
+from pathlib import Path
+
+import pytest
+
+from megabatch.errors import UserError
+from megabatch.simulate import command, hardware, perfmodel
+from megabatch.simulate.perfmodel import Network, Workload
+
+PAPER_TIME_S = 897.9
+PAPER_EFFICIENCY_VS_1GPU = 0.70
+PAPER_EFFICIENCY_VS_1NODE = 0.80
+
+# Two nodes' worth of made-up but round figures, so the hand computations stay readable.
+NET = Network(gpus_per_node=8, intra_node_bw=20e9, inter_node_bw=10e9,
+              intra_latency=2e-6, inter_latency=10e-6)
+
+
+def simulate(*argv: str) -> dict:
+    """Run the command with --json and return the parsed object."""
+    parser = argparse.ArgumentParser()
+    command.configure_parser(parser)
+    args = parser.parse_args([*argv, "--json"])
+    out = StringIO()
+    with redirect_stdout(out):
+        assert command.run(args) == 0
+    return json.loads(out.getvalue())
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    command.configure_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+# --- the formulas, computed by hand -------------------------------------------------
+
+def test_ring_matches_hand_computation():
+    # 2 (p-1)/p n/B + 2 (p-1) a with n = 100 MB, p = 8, B = 10 GB/s, a = 5 us
+    assert perfmodel.ring_allreduce(100e6, 8, 10e9, 5e-6) == pytest.approx(
+        2 * 7 / 8 * 100e6 / 10e9 + 2 * 7 * 5e-6)
+    assert perfmodel.ring_allreduce(100e6, 8, 10e9, 5e-6) == pytest.approx(0.01757)
+    assert perfmodel.ring_allreduce(100e6, 1, 10e9, 5e-6) == 0.0
+
+
+def test_every_algorithm_is_the_intra_node_ring_on_one_node():
+    expected = 2 * 7 / 8 * 64e6 / 20e9 + 2 * 7 * 2e-6
+    for algorithm in perfmodel.ALGORITHMS:
+        assert perfmodel.allreduce_time(64e6, 8, NET, algorithm) == pytest.approx(expected)
+
+
+def test_ring_across_nodes_matches_hand_computation():
+    # 32 GPUs on 4 nodes: bandwidth min(20, 10) GB/s; 4 of every 32 hops leave a node,
+    # so a step's latency is 0.875 * 2 us + 0.125 * 10 us = 3 us.
+    expected = 2 * 31 / 32 * 64e6 / 10e9 + 2 * 31 * 3e-6
+    assert expected == pytest.approx(0.012586)
+    assert perfmodel.allreduce_time(64e6, 32, NET, "ring") == pytest.approx(expected)
+
+
+def test_ring_with_one_gpu_per_node_uses_the_network_only():
+    net = replace(NET, gpus_per_node=1)
+    assert perfmodel.allreduce_time(64e6, 4, net, "ring") == pytest.approx(
+        2 * 3 / 4 * 64e6 / 10e9 + 2 * 3 * 10e-6)
+
+
+def test_hierarchical_matches_hand_computation():
+    # chain reduce in the node (n/B + 7 a), ring over 4 node leaders, chain broadcast
+    reduce = 64e6 / 20e9 + 7 * 2e-6
+    leaders = 2 * 3 / 4 * 64e6 / 10e9 + 2 * 3 * 10e-6
+    assert 2 * reduce + leaders == pytest.approx(0.016088)
+    assert perfmodel.allreduce_time(64e6, 32, NET, "hierarchical") == pytest.approx(0.016088)
+
+
+def test_2d_torus_matches_hand_computation():
+    # reduce-scatter in the node, 8 vertical rings on 8 MB each at 10/8 GB/s, all-gather
+    scatter = 7 / 8 * 64e6 / 20e9 + 7 * 2e-6
+    vertical = 2 * 3 / 4 * 8e6 / 1.25e9 + 2 * 3 * 10e-6
+    assert 2 * scatter + vertical == pytest.approx(0.015288)
+    assert perfmodel.allreduce_time(64e6, 32, NET, "2d-torus") == pytest.approx(0.015288)
+
+
+def test_hierarchical_and_torus_need_whole_nodes():
+    with pytest.raises(ValueError, match="whole nodes"):
+        perfmodel.allreduce_time(64e6, 12, NET, "2d-torus")
+    assert perfmodel.allreduce_time(64e6, 12, NET, "ring") > 0
+
+
+def test_step_time_adds_compute_exposed_allreduce_and_overhead():
+    work = Workload(per_gpu_batch=32, images_per_s=160.0, grad_bytes=64e6, overlap=0.0,
+                    overhead_s=0.001)
+    step = perfmodel.step_time(work, NET, 32, "ring")
+    assert step.compute_s == pytest.approx(0.2)
+    assert step.allreduce_exposed_s == pytest.approx(0.012586)
+    assert step.total_s == pytest.approx(0.2 + 0.012586 + 0.001)
+    # Behind the whole backward pass (2/3 of 0.2 s) the all-reduce disappears.
+    hidden = perfmodel.step_time(replace(work, overlap=1.0), NET, 32, "ring")
+    assert hidden.allreduce_exposed_s == 0.0
+    # One GPU neither all-reduces nor pays the distribution overhead.
+    assert perfmodel.step_time(work, NET, 1, "ring").total_s == pytest.approx(0.2)
+
+
+def test_a_slow_input_pipeline_limits_the_step():
+    work = Workload(per_gpu_batch=32, images_per_s=160.0, grad_bytes=0.0,
+                    input_images_per_s_per_node=640.0)
+    step = perfmodel.step_time(work, NET, 8, "ring")
+    assert step.total_s == pytest.approx(8 * 32 / 640)
+    # Waiting is what the loader lags behind compute and the (latency-only) all-reduce.
+    assert step.input_wait_s == pytest.approx(0.4 - 0.2 - 14 * 2e-6)
+
+
+def test_efficiency_is_one_at_one_gpu_and_at_one_node():
+    work = Workload(per_gpu_batch=32, images_per_s=160.0, grad_bytes=64e6)
+    schedule = perfmodel.Schedule(epochs=1, dataset_size=100_000)
+    assert perfmodel.predict(work, NET, 1, "ring", schedule).efficiency_vs_1gpu == pytest.approx(1)
+    node = perfmodel.predict(work, NET, 8, "ring", schedule)
+    assert node.efficiency_vs_1node == pytest.approx(1)
+    assert node.efficiency_vs_1gpu < 1
+    assert perfmodel.predict(work, NET, 4, "ring", schedule).efficiency_vs_1node is None
+
+
+def test_epoch_boundaries_count_steps():
+    work = Workload(per_gpu_batch=10, images_per_s=100.0, grad_bytes=0.0)
+    steps = {b: perfmodel.predict(work, NET, 1, "ring", perfmodel.Schedule(3, 105, b)).steps
+             for b in perfmodel.EPOCH_BOUNDARIES}
+    assert steps == {"wrap": 32, "partial": 33, "drop": 30}   # ceil(315/10), 3 x 11, 3 x 10
+    partial = perfmodel.predict(work, NET, 1, "ring", perfmodel.Schedule(3, 105, "partial"))
+    assert partial.total_time_s == pytest.approx(3 * (10 * 0.1 + 0.05))
+
+
+# --- monotonic behaviour over every algorithm and preset ------------------------------
+
+def preset_model(preset: hardware.Preset, comm_dtype: str = "fp16") -> tuple[Workload, Network]:
+    figures = {name: figure.value for name, figure in preset.figures().items()}
+    params = hardware.MODELS["resnet50"]
+    work = Workload(
+        per_gpu_batch=figures["per_gpu_batch"], images_per_s=figures["images_per_sec_per_gpu"],
+        grad_bytes=params * perfmodel.BYTES_PER_ELEMENT[comm_dtype], overlap=figures["overlap"],
+        overhead_s=perfmodel.pack_overhead(params, comm_dtype, figures["memory_gbs"] * 1e9))
+    net = Network(figures["gpus_per_node"], figures["intra_node_gbps"] * 1e9 / 8,
+                  figures["inter_node_gbps"] * 1e9 / 8, figures["intra_latency_us"] * 1e-6,
+                  figures["latency_us"] * 1e-6)
+    return work, net
+
+
+CASES = [(preset, algorithm, gpus) for preset in hardware.PRESETS
+         for algorithm in perfmodel.ALGORITHMS for gpus in (1, 8, 64, 1024)]
+
+
+@pytest.mark.parametrize("preset,algorithm,gpus", CASES)
+def test_more_bandwidth_is_never_slower(preset, algorithm, gpus):
+    work, net = preset_model(hardware.PRESETS[preset])
+    base = perfmodel.step_time(work, net, gpus, algorithm).total_s
+    for faster in (replace(net, intra_node_bw=2 * net.intra_node_bw),
+                   replace(net, inter_node_bw=2 * net.inter_node_bw)):
+        assert perfmodel.step_time(work, faster, gpus, algorithm).total_s <= base
+        assert perfmodel.allreduce_time(work.grad_bytes, gpus, faster, algorithm) <= \
+            perfmodel.allreduce_time(work.grad_bytes, gpus, net, algorithm)
+
+
+@pytest.mark.parametrize("preset,algorithm,gpus", CASES)
+def test_lower_latency_is_never_slower(preset, algorithm, gpus):
+    work, net = preset_model(hardware.PRESETS[preset])
+    base = perfmodel.step_time(work, net, gpus, algorithm).total_s
+    for quicker in (replace(net, intra_latency=net.intra_latency / 2),
+                    replace(net, inter_latency=net.inter_latency / 2)):
+        assert perfmodel.step_time(work, quicker, gpus, algorithm).total_s <= base
+
+
+@pytest.mark.parametrize("preset,algorithm,gpus", CASES)
+def test_fp16_is_never_slower_than_fp32(preset, algorithm, gpus):
+    schedule = perfmodel.Schedule(epochs=90, dataset_size=hardware.IMAGENET_TRAIN)
+    times = {}
+    for dtype in ("fp16", "fp32"):
+        work, net = preset_model(hardware.PRESETS[preset], dtype)
+        times[dtype] = perfmodel.predict(work, net, gpus, algorithm, schedule)
+    assert times["fp16"].step.allreduce_s <= times["fp32"].step.allreduce_s
+    assert times["fp16"].total_time_s <= times["fp32"].total_time_s
+
+
+@pytest.mark.parametrize("preset", hardware.PRESETS)
+def test_every_preset_figure_has_a_source(preset):
+    for name, figure in hardware.PRESETS[preset].figures().items():
+        assert len(figure.source) > 10, name
+
+
+# --- the paper's record on the MN-1 preset ------------------------------------------
+
+def test_mn1_predicts_the_paper_time_within_15_percent():
+    result = simulate("--preset", "mn1")
+    assert result["gpus"] == 1024 and result["steps"] == 3519
+    assert abs(result["total_time_s"] / PAPER_TIME_S - 1) < 0.15
+
+
+@pytest.mark.xfail(strict=True, reason="the model, fed public figures only, predicts 86% and "
+                   "93% against the published 70% and 80%: docs/performance-model.md")
+def test_mn1_predicts_the_paper_efficiencies_within_7_points():
+    result = simulate("--preset", "mn1")
+    assert abs(result["scaling_efficiency_vs_1gpu"] - PAPER_EFFICIENCY_VS_1GPU) <= 0.07
+    assert abs(result["scaling_efficiency_vs_1node"] - PAPER_EFFICIENCY_VS_1NODE) <= 0.07
+
+
+# --- the command ------------------------------------------------------------------------
+
+def test_json_has_the_promised_keys():
+    result = simulate("--preset", "dgx-a100", "--gpus", "64", "--comm-dtype", "fp16")
+    for key in ("step_time_s", "epoch_time_s", "total_time_s", "images_per_s",
+                "scaling_efficiency_vs_1gpu", "scaling_efficiency_vs_1node", "breakdown"):
+        assert key in result
+    assert set(result["breakdown"]["per_step"]) >= {"compute_s", "allreduce_s",
+                                                    "allreduce_exposed_s", "overhead_s"}
+    assert result["total_time_s"] == pytest.approx(result["epoch_time_s"] * 90)
+    assert result["inputs"]["comm_dtype"] == "fp16" and result["gpus"] == 64
+
+
+def test_flags_override_the_preset():
+    base = simulate("--preset", "mn1")
+    faster = simulate("--preset", "mn1", "--intra-node-gbps", "96", "--images-per-sec-per-gpu", "200")
+    assert faster["inputs"]["intra_node_gbps"] == 96.0
+    assert faster["total_time_s"] < base["total_time_s"]
+
+
+def test_sweep_prints_one_object_per_gpu_count():
+    result = simulate("--sweep-gpus", "1,8,64")
+    assert [p["gpus"] for p in result["sweep"]] == [1, 8, 64]
+    assert result["sweep"][0]["scaling_efficiency_vs_1gpu"] == pytest.approx(1.0)
+
+
+def test_table_output(capsys):
+    assert command.run(parse("--preset", "mn1")) == 0
+    out = capsys.readouterr().out
+    assert "scaling efficiency" in out and "MN-1" in out
+
+
+def write_bench(path: Path, steps: list) -> str:
+    path.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "train_step": steps}))
+    return str(path)
+
+
+def test_from_bench_takes_the_fastest_entry_or_the_named_one(tmp_path):
+    bench = write_bench(tmp_path / "bench.json", [
+        {"name": "resnet50-fp32", "images_per_s": 900.0, "batch_size": 128},
+        {"name": "resnet50-amp", "images_per_s": 2900.0, "batch_size": 256}])
+    fastest = simulate("--preset", "dgx-h100", "--from-bench", bench)
+    assert fastest["inputs"]["images_per_sec_per_gpu"] == 2900.0
+    assert fastest["inputs"]["per_gpu_batch"] == 256
+    named = simulate("--preset", "dgx-h100", "--from-bench", bench, "--bench-entry", "resnet50-fp32",
+                     "--per-gpu-batch", "64")
+    assert named["inputs"]["images_per_sec_per_gpu"] == 900.0
+    assert named["inputs"]["per_gpu_batch"] == 64
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "cannot read"),
+    ("{not json", "not JSON"),
+    ('{"device": "x"}', "not a megabatch bench result"),
+    ('{"device": "x", "train_step": []}', "not a megabatch bench result"),
+    ('{"device": "x", "train_step": [{"name": "a", "images_per_s": -1}]}', "positive"),
+])
+def test_from_bench_errors_are_one_line(tmp_path, content, message):
+    path = tmp_path / "bench.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message) as err:
+        command.run(parse("--from-bench", str(path)))
+    assert "\n" not in str(err.value)
+
+
+def test_from_bench_unknown_entry_and_conflicting_flags(tmp_path):
+    bench = write_bench(tmp_path / "bench.json", [{"name": "a", "images_per_s": 10.0}])
+    with pytest.raises(UserError, match="choose one of a"):
+        command.run(parse("--from-bench", bench, "--bench-entry", "b"))
+    with pytest.raises(UserError, match="not both"):
+        command.run(parse("--from-bench", bench, "--images-per-sec-per-gpu", "5"))
+
+
+def test_plot_is_written(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "scaling.png"
+    assert command.run(parse("--sweep-gpus", "1,8,64,512,1024", "--plot", str(path))) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plot written" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpus", "12", "--allreduce", "hierarchical"], "whole nodes"),
+    (["--sweep-gpus", "8,12", "--allreduce", "2d-torus"], "whole nodes"),
+    (["--gpus", "-8"], "must be positive"),
+    (["--inter-node-gbps", "-5"], "must be positive"),
+    (["--images-per-sec-per-gpu", "0"], "must be positive"),
+    (["--latency-us", "-1"], "zero or more"),
+    (["--overlap", "1.5"], "0 to 1"),
+    (["--preset", "cray-1"], "unknown preset"),
+    (["--model", "resnet5000"], "unknown --model"),
+    (["--model", "-3"], "unknown --model"),
+    (["--comm-dtype", "fp8"], "unknown --comm-dtype"),
+    (["--allreduce", "tree"], "unknown --allreduce"),
+    (["--epoch-boundary", "sometimes"], "unknown --epoch-boundary"),
+    (["--sweep-gpus", "1,x"], "--sweep-gpus"),
+    (["--dataset-size", "1000", "--epoch-boundary", "drop"], "global batch"),
+])
+def test_nonsense_is_a_user_error(argv, message):
+    with pytest.raises(UserError, match=message):
+        command.run(parse(*argv))
+
+
+def test_a_parameter_count_is_a_model():
+    result = simulate("--model", "1e6")
+    assert result["inputs"]["parameters"] == 1_000_000
+
+
+def test_importing_the_command_does_not_import_torch():
+    code = ("import sys; import megabatch.simulate.command; "
+            "sys.exit('torch' in sys.modules or 'matplotlib' in sys.modules)")
+    env_path = str(Path(command.__file__).parents[2])
+    result = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": env_path},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

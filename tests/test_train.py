@@ -1,0 +1,151 @@
+"""The trainer: emulated workers compute what a real cluster computes, micro_batch is
+only a memory knob, and runs on real data end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megabatch import checkpoint, models, recipe as recipes
+from megabatch.batching import epoch_order
+from megabatch.cli import main
+from megabatch.nn import batch_norm_layers
+from megabatch.progress import Progress
+from megabatch.train import build_optimizer, set_hyperparameters, start_run, train_one_epoch
+from megabatch.schedules import recipe_values
+
+SMALL = ["data.train_subset=1024", "data.test_subset=500", "train.epochs=1"]
+
+
+def quiet_run(tmp_path, overrides, data_dir=None):
+    recipe = recipes.load("fashion-mnist-demo", SMALL + overrides)
+    return start_run(recipe, data_dir, tmp_path, Progress(1, 1, enabled=False))
+
+
+def state_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def float64():
+    """Run in float64: RMSprop's g / sqrt(m) turns float32 rounding of near-zero
+    gradients into visible differences, float64 keeps the comparison tight."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("optimizer, tolerance", [("rmsprop_warmup", 1e-9), ("sgd", 1e-9)])
+def test_micro_batch_does_not_change_the_result(tmp_path, fashion_dir, float64, optimizer, tolerance):
+    results = []
+    for micro in (32, 128, 256):
+        run = quiet_run(tmp_path / str(micro), ["batch.global_batch=256", f"batch.micro_batch={micro}",
+                                                "train.max_steps=3", "data.augment=true",
+                                                f"optimizer.name={optimizer}"])
+        assert run.plan.micro_batches == 256 // micro
+        train_one_epoch(run, 0)
+        results.append(state_of(run.model))
+    for other in results[1:]:
+        for key, value in results[0].items():
+            torch.testing.assert_close(other[key], value, rtol=tolerance, atol=tolerance,
+                                       msg=lambda m: f"{key}: {m}")
+
+
+def test_emulated_workers_equal_separate_workers(tmp_path, fashion_dir, float64):
+    """Reference: one model, each worker's 32 images in its own forward pass (plain
+    BatchNorm2d, momentum 1), gradients summed over workers of the mean over the global
+    batch, stored statistics averaged over workers after the step."""
+    workers, per_worker, steps = 4, 32, 3
+    run = quiet_run(tmp_path, [f"batch.global_batch={workers * per_worker}", "batch.micro_batch=64",
+                               f"train.max_steps={steps}"])
+    recipe = run.recipe
+    reference = models.create("small-cnn", 10, 1).double()
+    reference.load_state_dict(run.model.state_dict())
+    for layer in batch_norm_layers(reference):
+        layer.momentum = 1.0
+    optimizer = build_optimizer(recipe, reference)
+    order = epoch_order(recipe.train.seed, 0, len(run.train_data))
+    steps_per_epoch = run.steps_per_epoch
+    for step in range(steps):
+        set_hyperparameters(optimizer, *recipe_values(recipe, step / steps_per_epoch))
+        index = order[step * workers * per_worker:(step + 1) * workers * per_worker]
+        stats = []
+        for w in range(workers):
+            x, y = run.train_data.batch(index[w * per_worker:(w + 1) * per_worker])
+            loss = F.cross_entropy(reference(x), y, reduction="sum") / len(index)
+            loss.backward()
+            stats.append([(l.running_mean.clone(), l.running_var.clone()) for l in batch_norm_layers(reference)])
+        for i, layer in enumerate(batch_norm_layers(reference)):
+            layer.running_mean.copy_(torch.stack([s[i][0] for s in stats]).mean(0))
+            layer.running_var.copy_(torch.stack([s[i][1] for s in stats]).mean(0))
+        optimizer.step()
+        optimizer.zero_grad()
+
+    train_one_epoch(run, 0)
+    assert run.iteration == steps
+    ours = run.model.state_dict()
+    for key, value in reference.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert int(ours[key]) == steps
+            continue
+        torch.testing.assert_close(ours[key], value, rtol=1e-9, atol=1e-9, msg=lambda m: f"{key}: {m}")
+
+
+def test_paper_scale_1024_workers_run_with_memory_bounded_by_micro_batch(tmp_path, fashion_dir):
+    recipe = recipes.load("fashion-mnist-paper", ["batch.global_batch=32768", "batch.micro_batch=512",
+                                                  "train.max_steps=1", "train.epochs=1"])
+    run = start_run(recipe, None, tmp_path, Progress(1, 1, enabled=False))
+    assert (run.plan.workers, run.plan.micro_batches) == (1024, 64)
+    seen = []
+    run.model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[0]))
+    before = state_of(run.model)
+    metrics = train_one_epoch(run, 0)
+    assert run.iteration == 1 and len(seen) == 64 and max(seen) == 512
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+    assert not torch.equal(before["0.weight"], run.model.state_dict()["0.weight"])
+
+
+def test_end_to_end_on_real_data_then_eval(tmp_path, capsys, fashion_dir):
+    out = tmp_path / "run"
+    code = main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out),
+                 "--set", "data.train_subset=8192", "--set", "data.test_subset=2000",
+                 "--set", "batch.global_batch=512", "--set", "train.epochs=3",
+                 "--set", "optimizer.alpha_center=1.0", "--set", "optimizer.alpha_period=1.0",
+                 "--set", "schedule.boundaries=[2.0, 2.5, 2.8]"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "global batch 512 = 16 workers x 32 images" in printed
+    assert "lr = 0.1 per 256 x 512/256 = 0.2" in printed
+    assert printed.count("\nepoch ") == 3  # one plain line per epoch off a terminal
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    for key in ("train_loss", "test_top1", "test_top5", "lr", "alpha_sgd", "images_per_s", "wall_time_s"):
+        assert key in lines[-1]
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert lines[-1]["test_top1"] > 70.0 and lines[-1]["test_top5"] > 95.0
+    assert (out / "curves.png").stat().st_size > 1000
+    assert recipes.load(str(out / "recipe.toml")).batch.global_batch == 512
+    assert json.loads((out / "run.json").read_text())["torch"] == torch.__version__
+
+    state = checkpoint.load(out / "final.pt")
+    models.create("small-cnn", 10, 1).load_state_dict(state["model"], strict=True)
+    assert main(["eval", "--checkpoint", str(out / "final.pt")]) == 0
+    assert f"top-1 {lines[-1]['test_top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_diverged_run_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, capsys, fashion_dir):
+    out = tmp_path / "run"
+    code = main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out),
+                 "--set", "data.train_subset=1024", "--set", "data.test_subset=500",
+                 "--set", "batch.global_batch=256", "--set", "train.epochs=3",
+                 "--set", "optimizer.name=sgd", "--set", "schedule.boundaries=[1.0]",
+                 "--set", "schedule.factors=[0.01, 1e30]"])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert "training diverged" in err and "at epoch 2, iteration 5 (step 2 of the epoch)" in err
+    good = out / "checkpoints" / "step-00000004.pt"
+    assert str(good) in err and checkpoint.load(good)["epoch"] == 1
