@@ -20,39 +20,44 @@ from megabatch.simulate import hardware, perfmodel
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``simulate`` flags to ``parser`` (a subcommand's parser)."""
     add = parser.add_argument
-    add("--preset", default="mn1", help=f"hardware preset: {', '.join(hardware.PRESETS)} (mn1)")
-    add("--gpus", type=int, help="number of GPUs (preset: its cluster size)")
-    add("--gpus-per-node", type=int, help="GPUs in one node")
-    add("--images-per-sec-per-gpu", type=float,
+    add("--preset", default="mn1", metavar="NAME",
+        help=f"hardware preset: {', '.join(hardware.PRESETS)} (mn1)")
+    add("--gpus", type=int, metavar="N", help="number of GPUs (preset: its cluster size)")
+    add("--gpus-per-node", type=int, metavar="N", help="GPUs in one node")
+    add("--images-per-sec-per-gpu", type=float, metavar="X",
         help="training images/s of one GPU alone at --per-gpu-batch")
     add("--from-bench", metavar="FILE.json",
         help="take the per-GPU images/s from a `megabatch bench` result")
     add("--bench-entry", metavar="NAME", help="train_step entry of --from-bench (the fastest)")
-    add("--per-gpu-batch", type=int, help="images per GPU per step")
-    add("--model", default="resnet50",
+    add("--per-gpu-batch", type=int, metavar="N", help="images per GPU per step")
+    add("--model", default="resnet50", metavar="NAME|COUNT",
         help=f"{', '.join(hardware.MODELS)}, or a parameter count (resnet50)")
-    add("--comm-dtype", help="gradient dtype on the wire: fp32, fp16 or bf16")
-    add("--allreduce", help="ring, hierarchical or 2d-torus")
-    add("--intra-node-gbps", type=float, help="per-GPU ring bandwidth inside a node, Gbit/s")
-    add("--inter-node-gbps", type=float, help="a node's network bandwidth, all adapters, Gbit/s")
-    add("--latency-us", type=float, help="latency of one all-reduce step across nodes, us")
-    add("--intra-latency-us", type=float, help="latency of one all-reduce step inside a node, us")
-    add("--overlap", type=float,
+    add("--comm-dtype", metavar="DTYPE", help="gradient dtype on the wire: fp32, fp16 or bf16")
+    add("--allreduce", metavar="ALGORITHM", help="ring, hierarchical or 2d-torus")
+    add("--intra-node-gbps", type=float, metavar="X",
+        help="per-GPU ring bandwidth inside a node, Gbit/s")
+    add("--inter-node-gbps", type=float, metavar="X",
+        help="a node's network bandwidth, all adapters, Gbit/s")
+    add("--latency-us", type=float, metavar="X", help="latency of one all-reduce step across nodes, us")
+    add("--intra-latency-us", type=float, metavar="X",
+        help="latency of one all-reduce step inside a node, us")
+    add("--overlap", type=float, metavar="F",
         help="share of backward the all-reduce can hide behind, 0 to 1 (0: after backward)")
-    add("--overhead-ms", type=float,
+    add("--overhead-ms", type=float, metavar="X",
         help="per-step cost of distribution, ms (default: copying gradients to the "
              "communication buffer and back at the device's memory bandwidth)")
-    add("--input-images-per-sec-per-node", type=float,
+    add("--input-images-per-sec-per-node", type=float, metavar="X",
         help="what a node's input pipeline delivers (default: never the limit)")
-    add("--epochs", type=float, default=90.0, help="epochs (90)")
-    add("--dataset-size", type=int, default=hardware.IMAGENET_TRAIN,
+    add("--epochs", type=float, metavar="E", default=90.0, help="epochs (90)")
+    add("--dataset-size", type=int, metavar="N", default=hardware.IMAGENET_TRAIN,
         help=f"training images ({hardware.IMAGENET_TRAIN:,}, ImageNet-1k)")
-    add("--epoch-boundary", default="wrap",
+    add("--epoch-boundary", default="wrap", metavar="MODE",
         help="wrap: the loader runs on into the next epoch (Chainer); partial: a smaller "
              "last step per epoch; drop: skip it (wrap)")
-    add("--eval-every", type=float, default=0.0,
+    add("--eval-every", type=float, metavar="E", default=0.0,
         help="evaluate every this many epochs; 0: evaluation not counted (0)")
-    add("--val-size", type=int, default=hardware.IMAGENET_VAL, help="validation images (50,000)")
+    add("--val-size", type=int, metavar="N", default=hardware.IMAGENET_VAL,
+        help="validation images (50,000)")
     add("--sweep-gpus", metavar="N,N,...", help="predict for each GPU count, e.g. 1,8,64,512,1024")
     add("--plot", metavar="FILE.png", help="with --sweep-gpus: draw efficiency and time per GPU count")
     add("--json", action="store_true", help="print a JSON object instead of the table")

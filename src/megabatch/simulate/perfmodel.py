@@ -181,7 +181,8 @@ class Schedule:
     epoch_boundary: str = "wrap"
     """wrap: the loader runs on into the next epoch, steps = ceil(E * D / B) (Chainer);
     partial: each epoch ends with one smaller step (PyTorch, drop_last=False);
-    drop: the last incomplete batch of each epoch is skipped (drop_last=True)."""
+    drop: the last incomplete batch of each epoch is skipped (drop_last=True).
+    partial and drop count whole epochs (a fractional ``epochs`` rounds up)."""
     eval_every: float = 0.0
     """Evaluate every this many epochs; 0: evaluation is not part of the time."""
     val_size: int = 50_000
@@ -189,6 +190,8 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Prediction:
+    """What :func:`predict` says of one run; :meth:`as_dict` is the ``--json`` object."""
+
     gpus: int
     nodes: int
     algorithm: str
