@@ -62,6 +62,18 @@ def test_ghost_batches_equal_separate_workers_forward_and_backward(k):
     torch.testing.assert_close(layer.bias.grad, grads_b, rtol=1e-10, atol=1e-12)
 
 
+def test_channels_last_input_gives_the_same_result():
+    x = workers_input(3)
+    plain, last = ghost(), ghost()
+    y = plain(x)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    assert not x_last.is_contiguous()
+    y_last = last(x_last)
+    torch.testing.assert_close(y_last, y, rtol=1e-12, atol=1e-12)
+    assert y_last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(last.running_var, plain.running_var, rtol=1e-12, atol=1e-12)
+
+
 def worker_stats(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each worker's mean and unbiased variance per channel, averaged over workers."""
     groups = x.reshape(k, B, C, -1).transpose(1, 2).reshape(k, C, -1)

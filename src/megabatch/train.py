@@ -74,7 +74,13 @@ def build_model(recipe: Recipe, in_channels: int, num_classes: int, device: torc
     model = models.create(recipe.model.arch, num_classes, in_channels, recipe.model.zero_init_residual)
     convert_to_ghost_bn(model, recipe.batch.per_worker_batch)
     set_bn_mode(model, recipe.model.bn)
-    return model.to(device=device, memory_format=torch.channels_last)
+    return model.to(device=device, memory_format=memory_format(device))
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """Channels-last where convolutions gain from it (CUDA); on CPU the contiguous
+    layout trains the small models faster (and keeps ghost BN's regrouping cheap)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
@@ -106,7 +112,7 @@ def train_step(run: Run, index: torch.Tensor, augmentation: Augmentation | None)
         for part in run.plan.micro_slices():
             x, y = run.train_data.batch(index[part], run.device,
                                         augmentation[part] if augmentation else None)
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=memory_format(run.device))
             logits = run.model(x)
             loss = F.cross_entropy(logits, y, reduction="sum",
                                    label_smoothing=run.recipe.train.label_smoothing) / len(index)
@@ -164,7 +170,7 @@ def evaluate(model: nn.Module, data: ImageTensors, device: torch.device,
     loss = correct1 = correct5 = 0.0
     for start in range(0, len(data), batch_size):
         x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))), device)
-        logits = model(x.contiguous(memory_format=torch.channels_last))
+        logits = model(x.contiguous(memory_format=memory_format(device)))
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == y[:, None]

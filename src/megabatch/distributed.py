@@ -1,0 +1,142 @@
+"""Process-group setup and the data-parallel wrapper; nothing else knows about ranks.
+
+``megabatch train`` runs unchanged under torchrun, SLURM's ``srun`` and Open
+MPI's ``mpirun``: :func:`launch_environment` reads the rank, world size and
+local rank from whichever launcher started the process, :func:`setup` starts
+the process group (NCCL on GPUs, gloo on CPUs) and returns a small
+:class:`DistInfo`, :func:`wrap_model` wraps the model in DDP with the recipe's
+communication dtype. Gradients travel as DDP's own fp16/bf16 compression hooks
+send them: divided by the world size first, then summed, so fp16 does not
+overflow with many workers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from megabatch.errors import UserError
+
+COMM_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``world_size == 1`` means no process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[003-010,012],cpu1" -> "gpu003"."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not head:
+        raise UserError(f"cannot read SLURM_JOB_NODELIST={nodelist!r}: set MASTER_ADDR to the first node")
+    prefix, _, ranges = head.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def launch_environment(env: dict[str, str] | None = None) -> tuple[DistInfo, dict[str, str]]:
+    """The launcher's rank, world size and local rank, and the variables to add so that
+    ``init_process_group("env://")`` finds the rendezvous (MASTER_ADDR/MASTER_PORT)."""
+    env = dict(os.environ if env is None else env)
+    extra: dict[str, str] = {}
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or set by hand
+        info = DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+    elif "OMPI_COMM_WORLD_RANK" in env:  # mpirun (Open MPI)
+        info = DistInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                        int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "mpirun")
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun
+        info = DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                        int(env.get("SLURM_LOCALID", 0)), "srun")
+        if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
+            extra["MASTER_ADDR"] = first_host(env["SLURM_JOB_NODELIST"])
+    else:
+        return DistInfo(), extra
+    if info.world_size > 1:
+        if "MASTER_ADDR" not in env and "MASTER_ADDR" not in extra:
+            raise UserError(f"started by {info.launcher} with {info.world_size} processes but MASTER_ADDR "
+                            f"is not set: export MASTER_ADDR=<first node> (and MASTER_PORT) for every process")
+        if "MASTER_PORT" not in env:
+            extra["MASTER_PORT"] = "29500"
+    return info, extra
+
+
+def setup(device_kind: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Start the process group when a launcher started several processes; pin this
+    process to its GPU. Returns the (possibly single-process) DistInfo."""
+    info, extra = launch_environment()
+    if not info.distributed:
+        return info
+    os.environ.update(extra)
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+    use_cuda = torch.cuda.is_available() and device_kind != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=info.rank,
+                            world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    return info
+
+
+def teardown(info: DistInfo) -> None:
+    """Leave the process group cleanly (the barrier avoids gloo aborts at exit)."""
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, info: DistInfo, comm_dtype: str) -> nn.Module:
+    """DDP with gradients all-reduced in ``comm_dtype``; the model itself when alone.
+
+    Buffers are not broadcast: every process keeps its own workers' batch-norm
+    statistics, and :func:`megabatch.nn.average_bn_stats` averages them before
+    evaluation and checkpoints.
+    """
+    if comm_dtype not in COMM_DTYPES:
+        raise UserError(f"comm_dtype {comm_dtype!r} is not one of {', '.join(COMM_DTYPES)}")
+    if not info.distributed:
+        return model
+    device = next(model.parameters()).device
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  broadcast_buffers=False, gradient_as_bucket_view=True)
+    if comm_dtype == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif comm_dtype == "bf16":
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of ``value`` over processes (in place); ``value`` itself when alone."""
+    if info.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world_size
+    return value
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value

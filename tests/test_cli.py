@@ -1,0 +1,62 @@
+"""The command line: listing, schedules, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from megabatch import recipe as recipes
+from megabatch.cli import main
+
+
+def test_recipes_lists_every_builtin_with_its_description(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in recipes.builtin_names():
+        line = next(l for l in out.splitlines() if l.startswith(name + " "))
+        assert recipes.describe(name) in line
+
+
+def test_schedule_prints_csv_at_the_given_epochs(capsys):
+    assert main(["schedule", "--recipe", "paper-resnet50-imagenet-32k", "--epochs", "0,5,10.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "epoch,lr,alpha_sgd"
+    rows = [tuple(map(float, l.split(","))) for l in lines[1:]]
+    assert rows == [(0.0, 6.4, pytest.approx(0.5 * math.exp(-4), rel=1e-5)),
+                    (5.0, 6.4, pytest.approx(0.5 * math.exp(-2), rel=1e-5)), (10.5, 6.4, 0.7)]
+
+
+def test_schedule_every_and_plot(capsys, tmp_path):
+    plot = tmp_path / "s.png"
+    assert main(["schedule", "--recipe", "goyal-resnet50-imagenet-8k", "--every", "30", "--plot", str(plot)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["0", "30", "60", "90"]
+    assert rows[1] == "30,0.32,1"
+    assert plot.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
+    (["train", "--recipe", "fashion-mnist-demo", "--set", "batch.sizes=3"], "unknown recipe key batch.sizes"),
+    (["train", "--recipe", "fashion-mnist-demo", "--set", "batch.global_batch=2050"], "not divisible"),
+    (["train", "--recipe", "fashion-mnist-demo", "--set", "batch.micro_batch=100"], "not a multiple"),
+    (["train", "--recipe", "fashion-mnist-demo", "--data", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
+    (["train", "--recipe", "paper-resnet50-imagenet-32k", "--data", "/x"], "ImageNet input pipeline is not implemented"),
+    (["eval", "--checkpoint", "/nonexistent.pt"], "does not exist"),
+    (["schedule", "--recipe", "fashion-mnist-demo", "--epochs", "1,x"], "comma-separated numbers"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    assert main(argv + (["--out", str(tmp_path / "r")] if argv[0] == "train" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megabatch: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_python_dash_m_entry_point_and_debug_traceback():
+    ok = subprocess.run([sys.executable, "-m", "megabatch", "recipes"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "fashion-mnist-demo" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "megabatch", "--debug", "train", "--recipe", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "Traceback" in bad.stderr
