@@ -14,7 +14,8 @@ from megabatch.batching import epoch_order
 from megabatch.cli import main
 from megabatch.nn import batch_norm_layers
 from megabatch.progress import Progress
-from megabatch.train import build_optimizer, set_hyperparameters, start_run, train_one_epoch
+from megabatch.run import build_optimizer, start_run
+from megabatch.train import set_hyperparameters, train_one_epoch
 from megabatch.schedules import recipe_values
 
 SMALL = ["data.train_subset=1024", "data.test_subset=500", "train.epochs=1"]

@@ -7,6 +7,7 @@ diverged run); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,15 +18,42 @@ from megabatch.simulate.command import configure_parser as configure_simulate
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from megabatch import recipe as recipes
-    from megabatch.train import fit, start_run
+    from megabatch import distributed, recipe as recipes
+    from megabatch.run import resume_state, start_run
+    from megabatch.train import fit
 
-    recipe = recipes.load(args.recipe, args.set)
-    stem = Path(recipe.name).stem if recipe.name.endswith(".toml") else recipe.name
-    out = Path(args.out) if args.out else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "metrics.jsonl").exists():
-        raise UserError(f"{out} already holds a run: choose another --out folder")
-    fit(start_run(recipe, args.data, out))
+    if args.resume:
+        if args.recipe or args.set or args.out:
+            raise UserError("--resume RUN_DIR continues that run with its own recipe.toml: "
+                            "drop --recipe, --set and --out")
+        out = Path(args.resume)
+        if not (out / "recipe.toml").is_file():
+            raise UserError(f"{out} is not a run directory (no recipe.toml)")
+        recipe = recipes.load(str(out / "recipe.toml"))
+    elif args.recipe:
+        recipe = recipes.load(args.recipe, args.set)
+        stem = Path(recipe.name).stem if recipe.name.endswith(".toml") else recipe.name
+        out = Path(args.out) if args.out else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    else:
+        raise UserError("give --recipe NAME (a new run) or --resume RUN_DIR (continue one)")
+    info = distributed.setup(recipe.train.device)
+    out = distributed.same_on_all_ranks(out, info)  # rank 0's default name, should clocks differ
+    # torchrun --max-restarts starts the same command again: continue, don't start over.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    state = None
+    if args.resume or restarted:
+        state = resume_state(out, log=lambda m: info.is_main and print(m, file=sys.stderr))
+        if state is None and args.resume:
+            raise UserError(f"{out} holds no complete checkpoint to resume from")
+    elif (out / "metrics.jsonl").exists():
+        raise UserError(f"{out} already holds a run: choose another --out folder, or continue it "
+                        f"with --resume {out}")
+    try:
+        fit(start_run(recipe, args.data, out, dist=info, state=state))
+    except BaseException:
+        distributed.teardown(info, clean=False)
+        raise
+    distributed.teardown(info)
     return 0
 
 
@@ -33,7 +61,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from megabatch import checkpoint
     from megabatch.data import load_datasets
     from megabatch.recipe import from_dict
-    from megabatch.train import build_model, evaluate, resolve_device
+    from megabatch.run import build_model, resolve_device
+    from megabatch.train import evaluate
 
     state = checkpoint.load(args.checkpoint)
     recipe = from_dict(state["recipe"])
@@ -111,8 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value, e.g. --set batch.global_batch=4096 (repeatable)")
 
-    p = sub.add_parser("train", help="train a model with a recipe")
-    recipe_args(p)
+    p = sub.add_parser("train", help="train a model with a recipe (also under torchrun, srun, mpirun)")
+    p.add_argument("--recipe", help="built-in recipe name or a .toml file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set batch.global_batch=4096 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its newest complete checkpoint, mid-epoch included")
     p.add_argument("--data", help="folder with the data set (default: the recipe's, e.g. "
                                    "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--out", help="run directory (default: runs/<recipe>-<date>-<time>)")
@@ -148,11 +181,35 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"megabatch: error: {e}", file=sys.stderr)
+        _print_error(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         print("megabatch: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # Under several processes a crash is one line naming the rank (torchrun then
+        # stops the others); alone, the traceback is the most useful report.
+        if args.debug or not _rank_prefix():
+            raise
+        _print_error(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        return 1
+
+
+def _rank_prefix() -> str:
+    from megabatch.distributed import launch_environment
+
+    try:
+        info, _ = launch_environment()
+    except UserError:
+        return ""
+    return f"rank {info.rank}/{info.world_size}: " if info.distributed else ""
+
+
+def _print_error(message: str) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    # One write, so that lines of several ranks sharing a terminal do not interleave.
+    sys.stderr.write(f"megabatch: error: {_rank_prefix()}{first_line}\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

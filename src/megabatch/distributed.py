@@ -12,7 +12,9 @@ overflow with many workers.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -100,10 +102,12 @@ def setup(device_kind: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     return info
 
 
-def teardown(info: DistInfo) -> None:
-    """Leave the process group cleanly (the barrier avoids gloo aborts at exit)."""
+def teardown(info: DistInfo, clean: bool = True) -> None:
+    """Leave the process group. After success all ranks meet at a barrier first (it
+    avoids gloo aborts at exit); after a failure they don't wait for each other."""
     if info.distributed and dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -119,8 +123,13 @@ def wrap_model(model: nn.Module, info: DistInfo, comm_dtype: str) -> nn.Module:
     if not info.distributed:
         return model
     device = next(model.parameters()).device
+    # Newer torch names "no buffer sync in forward" forward_sync_buffers (buffers are then
+    # synced once at start, where all ranks agree anyway); older torch broadcast_buffers.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=False, gradient_as_bucket_view=True)
+                                  gradient_as_bucket_view=True, **no_buffer_sync)
     if comm_dtype == "fp16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif comm_dtype == "bf16":
@@ -140,3 +149,32 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def accumulation(net: nn.Module, last: bool):
+    """The context of one micro-batch's backward pass: DDP all-reduces only after the
+    last micro-batch of a step (``no_sync`` before), so once per step."""
+    if isinstance(net, DistributedDataParallel) and not last:
+        return net.no_sync()
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def round_gradients(model: nn.Module, comm_dtype: str) -> None:
+    """Alone (no all-reduce), still pass the gradients through ``comm_dtype`` as DDP's
+    compression hook would, so a single process sees the same rounding."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(comm_dtype)
+    if dtype is None:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.copy_(p.grad.to(dtype))
+
+
+def same_on_all_ranks(value, info: DistInfo):
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if not info.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

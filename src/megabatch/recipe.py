@@ -121,6 +121,12 @@ class TrainConfig:
     """Keep the newest K checkpoints in the run directory."""
     device: str = "auto"
     """"auto" (CUDA if available, else CPU), "cpu" or "cuda"."""
+    comm_dtype: str = "fp32"
+    """Dtype of the gradient all-reduce: "fp32", "fp16" (the paper) or "bf16". Gradients are
+    divided by the number of processes before the sum. A single process rounds its
+    gradient through this dtype, as the all-reduce would."""
+    checkpoint_every: int = 0
+    """Also write a checkpoint every N optimizer steps (0 = only at epoch ends)."""
 
 
 @dataclass
@@ -153,6 +159,7 @@ class Recipe:
             "data.dataset": (self.data.dataset, ("fashion-mnist", "synthetic", "imagenet")),
             "optimizer.name": (self.optimizer.name, ("sgd", "rmsprop_warmup")),
             "train.device": (self.train.device, ("auto", "cpu", "cuda")),
+            "train.comm_dtype": (self.train.comm_dtype, ("fp32", "fp16", "bf16")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

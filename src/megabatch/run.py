@@ -1,0 +1,198 @@
+"""A training run: its parts, how it starts, and how it resumes from a checkpoint.
+
+:func:`start_run` builds everything from a recipe (model with per-worker BN,
+optimizer, data, batch plan, DDP wrapper) and writes the run's provenance;
+:func:`resume_state` finds the newest complete checkpoint of a run directory.
+The loop itself is in :mod:`megabatch.train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megabatch import checkpoint, models, provenance, schedules
+from megabatch.batching import BatchPlan
+from megabatch.data import load_datasets
+from megabatch.data.images import ImageTensors
+from megabatch.distributed import DistInfo, wrap_model
+from megabatch.errors import UserError
+from megabatch.nn import convert_to_ghost_bn, set_bn_mode
+from megabatch.optim import RMSpropWarmup, param_groups
+from megabatch.progress import Progress
+from megabatch.recipe import Recipe, to_dict, to_toml
+
+
+@dataclass
+class Run:
+    """Everything one training run works with."""
+
+    recipe: Recipe
+    model: nn.Module  # the model itself: state dicts, evaluation
+    net: nn.Module  # what the training forward pass calls: the model, or DDP around it
+    optimizer: torch.optim.Optimizer
+    train_data: ImageTensors
+    test_data: ImageTensors
+    plan: BatchPlan
+    device: torch.device
+    out_dir: Path
+    progress: Progress
+    dist: DistInfo = field(default_factory=DistInfo)
+    iteration: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    partial_epoch: dict[str, float] = field(default_factory=dict)  # sums of an unfinished epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch(len(self.train_data))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device = cuda but no CUDA device is visible: use --set train.device=cpu")
+        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """Channels-last where convolutions gain from it (CUDA); on CPU the contiguous
+    layout trains the small models faster (and keeps ghost BN's regrouping cheap)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def build_model(recipe: Recipe, in_channels: int, num_classes: int, device: torch.device) -> nn.Module:
+    """The recipe's model with per-worker (ghost) batch norm and its BN statistics mode."""
+    torch.manual_seed(recipe.train.seed)
+    model = models.create(recipe.model.arch, num_classes, in_channels, recipe.model.zero_init_residual)
+    convert_to_ghost_bn(model, recipe.batch.per_worker_batch)
+    set_bn_mode(model, recipe.model.bn)
+    return model.to(device=device, memory_format=memory_format(device))
+
+
+def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    groups = param_groups(model, o.weight_decay, o.no_decay_bn_bias)
+    lr, alpha = schedules.recipe_values(recipe, 0.0)
+    if o.name == "rmsprop_warmup":
+        return RMSpropWarmup(groups, lr=lr, momentum=o.momentum, rms_decay=o.rms_decay, eps=o.eps,
+                             rmsprop_lr=o.rmsprop_lr, alpha_sgd=alpha)
+    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+
+
+def resume_state(run_dir: Path, log=None) -> dict[str, Any] | None:
+    """The newest checkpoint of ``run_dir`` that loads; damaged ones are skipped (and said)."""
+    for path in reversed(checkpoint.list_checkpoints(run_dir / "checkpoints")):
+        try:
+            state = checkpoint.load(path)
+        except UserError as e:
+            if log:
+                log(f"skipping {path.name}: {e}")
+            continue
+        state["path"] = str(path)
+        return state
+    return None
+
+
+def start_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Progress | None = None,
+              dist: DistInfo = DistInfo(), state: dict[str, Any] | None = None) -> Run:
+    """Load the data, build model and optimizer (from ``state``, a checkpoint, when
+    resuming), and write the run's provenance (rank 0)."""
+    device = resolve_device(recipe.train.device, dist)
+    plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch,
+                            recipe.batch.micro_batch, dist.world_size, dist.rank)
+    train_data, test_data = load_datasets(recipe.data, data_dir)
+    model = build_model(recipe, train_data.channels, len(train_data.classes), device)
+    optimizer = build_optimizer(recipe, model)
+    steps = plan.steps_per_epoch(len(train_data))
+    progress = progress or Progress(recipe.train.epochs, steps, enabled=dist.is_main)
+    run = Run(recipe, model, model, optimizer, train_data, test_data, plan, device, out_dir, progress, dist)
+    if state is not None:
+        restore(run, state)
+    # DDP broadcasts rank 0's parameters when it wraps: all ranks start equal.
+    run.net = wrap_model(model, dist, recipe.train.comm_dtype)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.toml").write_text(to_toml(recipe))
+        info = {**provenance.collect(device), "workers": plan.workers, "processes": dist.world_size,
+                "launcher": dist.launcher, "micro_batch": plan.micro_batch, "steps_per_epoch": steps,
+                "base_lr": recipe.base_lr}
+        if state is not None:
+            info["resumed_from"] = state["path"]
+        (out_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    return run
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    """Continue where a checkpoint left off, mid-epoch included; keep its metrics only."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.iteration = state["iteration"]
+    run.partial_epoch = dict(state.get("partial_epoch", {}))
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and run.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
+    metrics = run.out_dir / "metrics.jsonl"
+    if metrics.exists():
+        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        run.history = [m for m in lines if m["epoch"] <= state["epoch"]]
+        if run.dist.is_main:
+            tmp = metrics.with_name(f".metrics.{os.getpid()}.tmp")
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in run.history))
+            os.replace(tmp, metrics)
+    run.progress.info(f"resuming from {state['path']} (iteration {run.iteration}, "
+                      f"{state['epoch']} epochs done)")
+
+
+def checkpoint_state(run: Run, epochs_done: int) -> dict[str, Any]:
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "iteration": run.iteration,
+        "epoch": epochs_done,
+        "recipe": to_dict(run.recipe),
+        "rng": rng,
+        "partial_epoch": dict(run.partial_epoch),
+        "metrics": run.history[-1] if run.history else {},
+    }
+
+
+def describe(run: Run) -> str:
+    """The derived values of the recipe, printed at start."""
+    r, p = run.recipe, run.plan
+    steps = run.steps_per_epoch
+    total = steps * r.train.epochs if not r.train.max_steps else min(r.train.max_steps, steps * r.train.epochs)
+    lines = [
+        f"recipe {r.name}: {r.description}",
+        f"  global batch {p.global_batch} = {p.workers} workers x {p.per_worker_batch} images; "
+        f"{p.processes} process(es) x {p.workers // p.processes} emulated workers; "
+        f"micro-batch {p.micro_batch} ({p.micro_batches} passes per step)",
+        f"  lr = {r.optimizer.lr_per_256:g} per 256 x {p.global_batch}/256 = {r.base_lr:g}; "
+        f"factors {r.schedule.factors} at epochs {r.schedule.boundaries}"
+        + (f"; warm-up {r.schedule.warmup_epochs:g} epochs from {r.optimizer.lr_per_256:g}"
+           if r.schedule.warmup_epochs else ""),
+    ]
+    if r.optimizer.name == "rmsprop_warmup":
+        lines.append(f"  RMSprop warm-up: rmsprop_lr {r.optimizer.rmsprop_lr:g}, alpha_sgd center "
+                     f"{r.optimizer.alpha_center:g} period {r.optimizer.alpha_period:g} epochs")
+    lines.append(f"  optimizer {r.optimizer.name}, momentum {r.optimizer.momentum:g}, weight decay "
+                 f"{r.optimizer.weight_decay:g}{' (not on BN/bias)' if r.optimizer.no_decay_bn_bias else ''}; "
+                 f"bn {r.model.bn}; model {r.model.arch}; gradients all-reduced in {r.train.comm_dtype}")
+    lines.append(f"  {len(run.train_data)} training images, {steps} steps/epoch, {r.train.epochs} epochs "
+                 f"= {total} steps; device {provenance.device_name(run.device)}")
+    return "\n".join(lines)

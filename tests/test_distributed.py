@@ -1,0 +1,246 @@
+"""Real data parallelism on CPU with gloo: launchers, fp16 all-reduce, exact
+equivalence of processes with emulated workers, and crash-safe resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from megabatch import checkpoint
+from megabatch.distributed import DistInfo, first_host, launch_environment, wrap_model
+from megabatch.errors import UserError
+from megabatch.run import resume_state
+
+DRIVER = str(Path(__file__).with_name("dist_driver.py"))
+# 2,048 images, 8 workers x 32 = 256 per step, 8 steps per epoch, 2 epochs; checkpoints every 3 steps.
+RECIPE = ["--recipe", "fashion-mnist-demo", "--set", "data.train_subset=2048", "--set", "data.test_subset=1000",
+          "--set", "batch.global_batch=256", "--set", "batch.micro_batch=64", "--set", "train.epochs=2",
+          "--set", "train.checkpoint_every=3", "--set", "data.augment=true",
+          "--set", "optimizer.alpha_center=0.5", "--set", "optimizer.alpha_period=1.0",
+          "--set", "schedule.boundaries=[1.0, 1.5, 1.8]"]
+
+
+def torchrun(*args: str, processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+            DRIVER, *args]
+
+
+def run_ok(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and all its descendants (torchrun may put workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def kill_tree(pid: int) -> None:
+    for p in descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def final_state(run_dir: Path) -> dict:
+    return checkpoint.load(run_dir / "final.pt")
+
+
+def assert_same_model(a: dict, b: dict) -> None:
+    """Equal within float64 rounding, amplified over the run by RMSprop's g / sqrt(m)
+    (seen: 1e-9 absolute on a BN mean of 0.015); the issue asks for 1e-5 relative."""
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-6, atol=1e-8, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, fashion_dir) -> tuple[Path, str]:
+    """The reference: 2 gloo processes under torchrun, each emulating 4 of the 8 workers."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    result = run_ok(torchrun("train", *RECIPE, "--out", str(out)))
+    return out, result.stdout
+
+
+# --- launchers ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, DistInfo()),
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h"}, DistInfo(3, 8, 1, "torchrun")),
+    ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "5",
+      "MASTER_ADDR": "h"}, DistInfo(5, 16, 5, "mpirun")),
+    ({"SLURM_PROCID": "9", "SLURM_NTASKS": "32", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[003-010]"},
+     DistInfo(9, 32, 1, "srun")),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, DistInfo()),  # a plain sbatch job step: alone
+])
+def test_launch_environment(env, expected):
+    info, extra = launch_environment(env)
+    assert info == expected
+    if expected.launcher == "srun":
+        assert extra == {"MASTER_ADDR": "gpu003", "MASTER_PORT": "29500"}
+
+
+def test_launch_without_rendezvous_address_is_a_clear_error():
+    with pytest.raises(UserError, match="MASTER_ADDR is not set"):
+        launch_environment({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"})
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("node7", "node7"), ("gpu[003-010,012]", "gpu003"), ("a[1,4],b2", "a1"), ("x-1", "x-1"),
+])
+def test_first_host_of_slurm_nodelist(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+# --- fp16 all-reduce ------------------------------------------------------------------
+
+class Scaled(nn.Module):
+    """loss = sum(w * c): the gradient of w is c, chosen per rank by the test."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(n))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return (self.w * c).sum()
+
+
+def _grads_worker(rank: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        info = DistInfo(rank, 2, rank, "test")
+        g = torch.Generator().manual_seed(rank)
+        random_c = torch.randn(1000, generator=g) * 10.0 ** torch.randint(-3, 3, (1000,), generator=g)
+        huge_c = torch.full((8,), 60000.0 if rank == 0 else 50000.0)  # the sum 110000 > fp16 max 65504
+        out = {"c": random_c}
+        for name, c in (("random", random_c), ("huge", huge_c)):
+            for dtype in ("fp32", "fp16", "bf16"):
+                net = wrap_model(Scaled(len(c)), info, dtype)
+                net(c).backward()
+                out[name, dtype] = net.module.w.grad.clone()
+        results[rank] = out
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def reduced_grads(tmp_path_factory):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_grads_worker, args=(str(tmp_path_factory.mktemp("g") / "init"), results), nprocs=2)
+        return dict(results)
+
+
+def test_fp16_and_bf16_all_reduce_agree_with_fp32_within_rounding(reduced_grads):
+    exact = reduced_grads[0]["random", "fp32"]
+    halves = (reduced_grads[0]["c"].abs() + reduced_grads[1]["c"].abs()) / 2
+    for dtype, eps in (("fp16", 2.0 ** -11), ("bf16", 2.0 ** -8)):  # unit roundoff
+        got = reduced_grads[0]["random", dtype]
+        assert torch.equal(got, reduced_grads[1]["random", dtype])  # every rank gets the same
+        # each half is rounded once when compressed, the sum once more; fp16 below its
+        # normal range (6.1e-5) has an absolute spacing of 6e-8
+        err = (got - exact).abs()
+        bound = eps * halves + eps * exact.abs() + 1.2e-7
+        assert bool((err <= bound).all()), f"{dtype}: worst {(err - bound).max().item():.3g}"
+        assert not torch.equal(got, exact)  # the compression really happened
+
+
+def test_fp16_gradients_are_divided_before_the_sum(reduced_grads):
+    # mean of 60000 and 50000; summing first would overflow fp16 (110000 > 65504) to inf
+    half = torch.float16
+    expected = torch.tensor(60000.0, dtype=half) / 2 + torch.tensor(50000.0, dtype=half) / 2  # 54976 in fp16
+    assert torch.equal(reduced_grads[0]["huge", "fp16"], torch.full((8,), expected.item()))
+    assert torch.isinf(torch.tensor(60000.0, dtype=half) + torch.tensor(50000.0, dtype=half))
+    assert torch.equal(reduced_grads[0]["huge", "fp32"], torch.full((8,), 55000.0))
+
+
+# --- equivalence: 2 processes x 4 workers == 1 process x 8 workers ---------------------
+
+def test_two_processes_equal_one_process_emulating_all_workers(two_process_run, tmp_path):
+    two, stdout = two_process_run
+    one = tmp_path / "one"
+    run_ok([sys.executable, DRIVER, "train", *RECIPE, "--out", str(one)])
+    assert_same_model(final_state(one), final_state(two))
+    m1 = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(m1, m2, strict=True):
+        assert a["test_top1"] == b["test_top1"] and a["test_top5"] == b["test_top5"]
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-7)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-7)
+    assert "2 process(es) x 4 emulated workers" in stdout
+    assert stdout.count("\nepoch ") == 2  # logs from rank 0 only
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(two_process_run, tmp_path):
+    reference, _ = two_process_run
+    out = tmp_path / "killed"
+    env = {**os.environ, "MEGABATCH_TEST_SLOW_AFTER": "4"}
+    proc = subprocess.Popen(torchrun("train", *RECIPE, "--out", str(out)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step-00000006.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before the kill"
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+    assert not (out / "final.pt").exists()
+    killed_at = resume_state(out)["iteration"]
+    assert 6 <= killed_at < 16
+
+    result = run_ok(torchrun("train", "--resume", str(out)))
+    assert f"resuming from {out / 'checkpoints'}" in result.stdout
+    assert_same_model(final_state(reference), final_state(out))
+    ref_metrics = (reference / "metrics.jsonl").read_text().splitlines()
+    got_metrics = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(got_metrics) == len(ref_metrics) == 2
+    for a, b in zip(ref_metrics, got_metrics):
+        a, b = json.loads(a), json.loads(b)
+        assert (a["iteration"], a["test_top1"]) == (b["iteration"], b["test_top1"])
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-7)
+
+
+def test_truncated_newest_checkpoint_is_skipped(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for it in (3, 6):
+        checkpoint.save({"iteration": it}, checkpoint.step_path(folder, it))
+    newest = checkpoint.step_path(folder, 6)
+    newest.write_bytes(newest.read_bytes()[:100])
+    notes = []
+    assert resume_state(tmp_path, notes.append)["iteration"] == 3
+    assert "skipping step-00000006.pt" in notes[0]
+
+
+def test_a_failing_rank_reports_one_line_naming_it(tmp_path):
+    result = subprocess.run(torchrun("train", "--recipe", "fashion-mnist-demo", "--data", str(tmp_path / "none"),
+                                     "--out", str(tmp_path / "r")), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if l.startswith("megabatch: error:")]
+    assert any(l.startswith("megabatch: error: rank 1/2: Fashion-MNIST not found") for l in lines), result.stderr
+    # torchrun prints its own summary (with a traceback of torchrun); ours print none
+    assert "src/megabatch" not in result.stderr and "dist_driver.py\", line" not in result.stderr
