@@ -60,3 +60,11 @@ def test_python_dash_m_entry_point_and_debug_traceback():
     bad = subprocess.run([sys.executable, "-m", "megabatch", "--debug", "train", "--recipe", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" in bad.stderr
+
+
+def test_schedule_shows_the_rescaling(capsys):
+    assert main(["schedule", "--recipe", "paper-resnet50-imagenet-32k", "--set", "schedule.reference_epochs=90",
+                 "--set", "train.epochs=9", "--epochs", "1.05,4"]) == 0
+    captured = capsys.readouterr()
+    assert "stretched x0.1 to 9 epochs: boundaries [4.0, 7.0, 8.5], alpha_sgd center 1 period 0.5" in captured.err
+    assert captured.out.splitlines()[1:] == ["1.05,6.4,0.7", "4,0.96,1"]

@@ -10,15 +10,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from megabatch import checkpoint
-from megabatch.distributed import DistInfo, first_host, launch_environment, wrap_model
+from megabatch.distributed import (DistInfo, accumulation, first_host, launch_environment,
+                                   round_gradients, wrap_model)
 from megabatch.errors import UserError
 from megabatch.run import resume_state
 
@@ -141,10 +144,31 @@ def _grads_worker(rank: int, init_file: str, results) -> None:
                 net = wrap_model(Scaled(len(c)), info, dtype)
                 net(c).backward()
                 out[name, dtype] = net.module.w.grad.clone()
+        out["hook_calls"] = count_all_reduces_per_step(info)
         results[rank] = out
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def count_all_reduces_per_step(info: DistInfo) -> tuple[int, int]:
+    """All-reduce calls for one step of 4 micro-batches, with and without no_sync."""
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(1)
+        return default_hooks.fp16_compress_hook(state, bucket)
+
+    counts = []
+    for sync_every_micro_batch in (False, True):
+        calls.clear()
+        with mock.patch.object(default_hooks, "fp16_compress_hook", counting_hook):
+            net = wrap_model(nn.Linear(4, 2), info, "fp16")
+        for i in range(4):
+            with accumulation(net, last=sync_every_micro_batch or i == 3):
+                net(torch.randn(3, 4)).sum().backward()
+        counts.append(len(calls))
+    return tuple(counts)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +193,20 @@ def test_fp16_and_bf16_all_reduce_agree_with_fp32_within_rounding(reduced_grads)
         assert not torch.equal(got, exact)  # the compression really happened
 
 
+def test_one_all_reduce_per_step_not_per_micro_batch(reduced_grads):
+    assert reduced_grads[0]["hook_calls"] == (1, 4)  # one bucket: once per step; 4 without no_sync
+
+
+def test_a_single_process_rounds_gradients_through_the_comm_dtype():
+    model = nn.Linear(3, 1)
+    model(torch.randn(5, 3)).sum().backward()
+    exact = model.weight.grad.clone()
+    round_gradients(model, "fp32")
+    assert torch.equal(model.weight.grad, exact)
+    round_gradients(model, "fp16")
+    assert torch.equal(model.weight.grad, exact.half().float())
+
+
 def test_fp16_gradients_are_divided_before_the_sum(reduced_grads):
     # mean of 60000 and 50000; summing first would overflow fp16 (110000 > 65504) to inf
     half = torch.float16
@@ -191,7 +229,7 @@ def test_two_processes_equal_one_process_emulating_all_workers(two_process_run, 
         assert a["test_top1"] == b["test_top1"] and a["test_top5"] == b["test_top5"]
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-7)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-7)
-    assert "2 process(es) x 4 emulated workers" in stdout
+    assert "2 processes x 4 emulated workers" in stdout
     assert stdout.count("\nepoch ") == 2  # logs from rank 0 only
 
 

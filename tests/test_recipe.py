@@ -34,6 +34,7 @@ def test_paper_recipe_is_the_papers_setting():
     assert (r.optimizer.name, r.model.bn, r.train.epochs) == ("rmsprop_warmup", "last_batch", 90)
     assert (r.optimizer.momentum, r.optimizer.rms_decay, r.optimizer.eps, r.optimizer.rmsprop_lr) == (0.9, 0.99, 1e-8, 3e-4)
     assert (r.optimizer.alpha_center, r.optimizer.alpha_period) == (10.0, 5.0)
+    assert r.train.comm_dtype == "fp16"
     assert r.schedule.boundaries == [40.0, 70.0, 85.0]
     assert r.schedule.factors == [0.5, 0.075, 0.01, 0.001]
 

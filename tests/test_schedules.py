@@ -5,7 +5,8 @@ import math
 import pytest
 
 from megabatch import recipe as recipes
-from megabatch.schedules import alpha_sgd, goyal_lr, piecewise_lr, recipe_values, slow_start_lr
+from megabatch.schedules import (alpha_sgd, epoch_settings, goyal_lr, piecewise_lr, polynomial_lr,
+                                  recipe_values, slow_start_lr)
 
 
 @pytest.mark.parametrize("epoch, expected", [
@@ -75,3 +76,34 @@ def test_recipe_values_of_goyal_recipe_have_no_rmsprop_phase():
     goyal = recipes.load("goyal-resnet50-imagenet-8k")
     assert recipe_values(goyal, 0.0) == pytest.approx((0.1, 1.0))
     assert recipe_values(goyal, 5.0) == pytest.approx((3.2, 1.0))
+
+
+def test_a_90_epoch_schedule_stretched_to_a_shorter_budget():
+    short = recipes.load("paper-resnet50-imagenet-32k", ["schedule.reference_epochs=90", "train.epochs=9"])
+    e = epoch_settings(short)
+    assert e.scale == pytest.approx(0.1)
+    assert e.boundaries == pytest.approx((4.0, 7.0, 8.5))
+    assert (e.alpha_center, e.alpha_period) == pytest.approx((1.0, 0.5))
+    assert recipe_values(short, 1.05) == pytest.approx((6.4, 0.7))  # paper's epoch 10.5
+    assert recipe_values(short, 4.0) == pytest.approx((0.96, 1.0))  # paper's epoch 40
+
+
+def test_schedule_in_optimizer_steps():
+    r = recipes.load("fashion-mnist-paper", ["schedule.unit=step", "schedule.boundaries=[100, 150, 180]",
+                                             "optimizer.alpha_center=40", "optimizer.alpha_period=20"])
+    # 20 steps per epoch: the boundaries fall at epochs 5, 7.5 and 9, the hand-over centre at epoch 2
+    assert epoch_settings(r, 20).boundaries == pytest.approx((5.0, 7.5, 9.0))
+    assert recipe_values(r, 2.0, 20)[1] == 0.5
+    assert recipe_values(r, 4.99, 20)[0] == pytest.approx(0.5 * r.base_lr)
+    assert recipe_values(r, 5.0, 20)[0] == pytest.approx(0.075 * r.base_lr)
+    with pytest.raises(ValueError, match="steps per epoch"):
+        recipe_values(r, 1.0)
+
+
+def test_polynomial_decay_with_warmup():
+    assert polynomial_lr(0.0, 8.0, 10.0, 2.0, 2.0, 0.1) == pytest.approx(0.1)
+    assert polynomial_lr(1.0, 8.0, 10.0, 2.0, 2.0, 0.1) == pytest.approx(4.05)
+    assert polynomial_lr(5.0, 8.0, 10.0, 2.0, 2.0, 0.1) == pytest.approx(8.0 * 0.25)
+    assert polynomial_lr(10.0, 8.0, 10.0) == 0.0
+    r = recipes.load("fashion-mnist-demo", ["schedule.kind=polynomial", "schedule.power=1.0"])
+    assert recipe_values(r, 6.0)[0] == pytest.approx(r.base_lr * 0.5)

@@ -71,7 +71,7 @@ def test_emulated_workers_equal_separate_workers(tmp_path, fashion_dir, float64)
     order = epoch_order(recipe.train.seed, 0, len(run.train_data))
     steps_per_epoch = run.steps_per_epoch
     for step in range(steps):
-        set_hyperparameters(optimizer, *recipe_values(recipe, step / steps_per_epoch))
+        set_hyperparameters(optimizer, *recipe_values(recipe, step / steps_per_epoch, steps_per_epoch))
         index = order[step * workers * per_worker:(step + 1) * workers * per_worker]
         stats = []
         for w in range(workers):

@@ -96,9 +96,20 @@ def parse_epochs(text: str) -> list[float]:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     from megabatch import recipe as recipes
-    from megabatch.schedules import recipe_values
+    from megabatch.data import train_size
+    from megabatch.schedules import epoch_settings, recipe_values
 
     recipe = recipes.load(args.recipe, args.set)
+    steps = max(1, train_size(recipe.data) // recipe.batch.global_batch)
+    settings = epoch_settings(recipe, steps)
+    if recipe.schedule.unit == "step":
+        print(f"# schedule written in optimizer steps: {steps} steps per epoch at global batch "
+              f"{recipe.batch.global_batch}", file=sys.stderr)
+    elif settings.scale != 1.0:
+        print(f"# schedule written for {recipe.schedule.reference_epochs:g} epochs, stretched "
+              f"x{settings.scale:.4g} to {recipe.train.epochs} epochs: boundaries "
+              f"{[round(b, 4) for b in settings.boundaries]}, alpha_sgd center "
+              f"{settings.alpha_center:.4g} period {settings.alpha_period:.4g}", file=sys.stderr)
     if args.epochs is not None:
         epochs = parse_epochs(args.epochs)
     else:
@@ -106,7 +117,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             raise UserError(f"--every must be > 0, got {args.every}")
         count = int(recipe.train.epochs / args.every + 1e-9)
         epochs = [i * args.every for i in range(count + 1)]
-    rows = [(e, *recipe_values(recipe, e)) for e in epochs]
+    rows = [(e, *recipe_values(recipe, e, steps)) for e in epochs]
     print("epoch,lr,alpha_sgd")
     for epoch, lr, alpha in rows:
         print(f"{epoch:g},{lr:.6g},{alpha:.6g}")
@@ -114,7 +125,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         from megabatch.plots import plot_schedule
 
         fine = max(recipe.train.epochs * 20, 200)
-        dense = [(e, *recipe_values(recipe, e)) for e in
+        dense = [(e, *recipe_values(recipe, e, steps)) for e in
                  (i * recipe.train.epochs / fine for i in range(fine + 1))]
         if plot_schedule(dense, Path(args.plot), title=f"{recipe.name} (global batch "
                          f"{recipe.batch.global_batch})"):

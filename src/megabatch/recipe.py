@@ -72,7 +72,8 @@ class BatchConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "sgd"
-    """"sgd" (momentum SGD) or "rmsprop_warmup" (the paper's RMSprop warm-up)."""
+    """"sgd" (momentum SGD), "rmsprop_warmup" (the paper's RMSprop warm-up) or "lars"
+    (You et al. 2017: layer-wise trust ratio on top of momentum SGD)."""
     lr_per_256: float = 0.1
     """Learning rate for 256 images; the run uses lr_per_256 * global_batch / 256."""
     momentum: float = 0.9
@@ -91,6 +92,8 @@ class OptimizerConfig:
     """rmsprop_warmup: epoch at which alpha_sgd reaches 0.5 (beta_center)."""
     alpha_period: float = 5.0
     """rmsprop_warmup: length of the RMSprop-to-SGD transition in epochs (beta_period)."""
+    trust_coefficient: float = 0.001
+    """lars: the trust coefficient eta of the layer-wise learning rate."""
 
 
 @dataclass
@@ -103,6 +106,20 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0
     """Linear warm-up from lr_per_256 (the small-batch rate) to the first phase over this
     many epochs (Goyal et al.: 5). 0 = none."""
+    kind: str = "piecewise"
+    """"piecewise" (factors between boundaries) or "polynomial" (base * (1 - e/epochs)^power
+    after the warm-up, as used with LARS)."""
+    power: float = 2.0
+    """Exponent of the polynomial decay."""
+    unit: str = "epoch"
+    """Unit of boundaries, warmup_epochs, optimizer.alpha_center and optimizer.alpha_period:
+    "epoch" or "step" (optimizer steps: for small data sets, where a large batch leaves
+    only a few dozen steps per run)."""
+    reference_epochs: float = 0.0
+    """The training length the epoch-valued settings above are written for (e.g. the
+    paper's 90). When train.epochs differs they are stretched by train.epochs /
+    reference_epochs, so a 90-epoch schedule keeps its shape in a shorter budget.
+    0 = no rescaling; ignored with unit = "step"."""
 
 
 @dataclass
@@ -157,7 +174,9 @@ class Recipe:
             "model.arch": (self.model.arch, ("small-cnn", "resnet18", "resnet50")),
             "model.bn": (self.model.bn, ("moving_average", "last_batch")),
             "data.dataset": (self.data.dataset, ("fashion-mnist", "synthetic", "imagenet")),
-            "optimizer.name": (self.optimizer.name, ("sgd", "rmsprop_warmup")),
+            "optimizer.name": (self.optimizer.name, ("sgd", "rmsprop_warmup", "lars")),
+            "schedule.kind": (self.schedule.kind, ("piecewise", "polynomial")),
+            "schedule.unit": (self.schedule.unit, ("epoch", "step")),
             "train.device": (self.train.device, ("auto", "cpu", "cuda")),
             "train.comm_dtype": (self.train.comm_dtype, ("fp32", "fp16", "bf16")),
         }

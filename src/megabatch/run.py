@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megabatch import checkpoint, models, provenance, schedules
+from megabatch import checkpoint, models, provenance
 from megabatch.batching import BatchPlan
 from megabatch.data import load_datasets
 from megabatch.data.images import ImageTensors
@@ -27,6 +27,7 @@ from megabatch.nn import convert_to_ghost_bn, set_bn_mode
 from megabatch.optim import RMSpropWarmup, param_groups
 from megabatch.progress import Progress
 from megabatch.recipe import Recipe, to_dict, to_toml
+from megabatch.schedules import epoch_settings
 
 
 @dataclass
@@ -85,11 +86,11 @@ def build_model(recipe: Recipe, in_channels: int, num_classes: int, device: torc
 def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     o = recipe.optimizer
     groups = param_groups(model, o.weight_decay, o.no_decay_bn_bias)
-    lr, alpha = schedules.recipe_values(recipe, 0.0)
+    # The trainer sets lr (and alpha_sgd) before every step; these are placeholders.
     if o.name == "rmsprop_warmup":
-        return RMSpropWarmup(groups, lr=lr, momentum=o.momentum, rms_decay=o.rms_decay, eps=o.eps,
-                             rmsprop_lr=o.rmsprop_lr, alpha_sgd=alpha)
-    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+        return RMSpropWarmup(groups, lr=recipe.base_lr, momentum=o.momentum, rms_decay=o.rms_decay,
+                             eps=o.eps, rmsprop_lr=o.rmsprop_lr, alpha_sgd=0.0)
+    return torch.optim.SGD(groups, lr=recipe.base_lr, momentum=o.momentum)
 
 
 def resume_state(run_dir: Path, log=None) -> dict[str, Any] | None:
@@ -177,19 +178,25 @@ def describe(run: Run) -> str:
     r, p = run.recipe, run.plan
     steps = run.steps_per_epoch
     total = steps * r.train.epochs if not r.train.max_steps else min(r.train.max_steps, steps * r.train.epochs)
+    e = epoch_settings(r, steps)
+    if r.schedule.kind == "polynomial":
+        shape = f"polynomial decay (power {r.schedule.power:g}) to epoch {r.train.epochs}"
+    else:
+        shape = f"factors {r.schedule.factors} at epochs {[round(b, 3) for b in e.boundaries]}"
+    if e.scale != 1.0:
+        shape += (f" (written in steps, {steps} per epoch)" if r.schedule.unit == "step" else
+                  f" (written for {r.schedule.reference_epochs:g} epochs, stretched x{e.scale:.3g})")
     lines = [
         f"recipe {r.name}: {r.description}",
         f"  global batch {p.global_batch} = {p.workers} workers x {p.per_worker_batch} images; "
-        f"{p.processes} process(es) x {p.workers // p.processes} emulated workers; "
-        f"micro-batch {p.micro_batch} ({p.micro_batches} passes per step)",
-        f"  lr = {r.optimizer.lr_per_256:g} per 256 x {p.global_batch}/256 = {r.base_lr:g}; "
-        f"factors {r.schedule.factors} at epochs {r.schedule.boundaries}"
-        + (f"; warm-up {r.schedule.warmup_epochs:g} epochs from {r.optimizer.lr_per_256:g}"
-           if r.schedule.warmup_epochs else ""),
+        f"{p.processes} process{'es' if p.processes > 1 else ''} x {p.workers // p.processes} emulated workers; "
+        f"micro-batch {p.micro_batch} ({p.micro_batches} pass{'es' if p.micro_batches > 1 else ''} per step)",
+        f"  lr = {r.optimizer.lr_per_256:g} per 256 x {p.global_batch}/256 = {r.base_lr:g}; {shape}"
+        + (f"; warm-up {e.warmup_epochs:.3g} epochs from {r.optimizer.lr_per_256:g}" if e.warmup_epochs else ""),
     ]
     if r.optimizer.name == "rmsprop_warmup":
         lines.append(f"  RMSprop warm-up: rmsprop_lr {r.optimizer.rmsprop_lr:g}, alpha_sgd center "
-                     f"{r.optimizer.alpha_center:g} period {r.optimizer.alpha_period:g} epochs")
+                     f"{e.alpha_center:.3g} period {e.alpha_period:.3g} epochs")
     lines.append(f"  optimizer {r.optimizer.name}, momentum {r.optimizer.momentum:g}, weight decay "
                  f"{r.optimizer.weight_decay:g}{' (not on BN/bias)' if r.optimizer.no_decay_bn_bias else ''}; "
                  f"bn {r.model.bn}; model {r.model.arch}; gradients all-reduced in {r.train.comm_dtype}")

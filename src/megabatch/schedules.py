@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 SLOW_START_BOUNDARIES = (40.0, 70.0, 85.0)
@@ -92,14 +93,54 @@ def alpha_sgd(epoch: float, center: float = 10.0, period: float = 5.0) -> float:
     return min(1.0, 0.5 + 2.0 * z)
 
 
-def recipe_values(recipe, epoch: float) -> tuple[float, float]:
+def polynomial_lr(epoch: float, base_lr: float, total_epochs: float, power: float = 2.0,
+                  warmup_epochs: float = 0.0, warmup_start_lr: float = 0.0) -> float:
+    """``base_lr * (1 - epoch / total_epochs) ** power`` after an optional linear warm-up
+    from ``warmup_start_lr`` (You et al. 2017's schedule for LARS)."""
+    if epoch < warmup_epochs:
+        return warmup_start_lr + (base_lr - warmup_start_lr) * epoch / warmup_epochs
+    return base_lr * max(0.0, 1.0 - epoch / total_epochs) ** power
+
+
+@dataclass(frozen=True)
+class EpochSettings:
+    """A recipe's schedule settings converted to this run's epochs."""
+
+    boundaries: tuple[float, ...]
+    warmup_epochs: float
+    alpha_center: float
+    alpha_period: float
+    scale: float  # epochs of this run per unit the recipe wrote them in
+
+
+def epoch_settings(recipe, steps_per_epoch: int | None = None) -> EpochSettings:
+    """Boundaries, warm-up and alpha curve in this run's epochs: stretched to the epoch
+    budget (``schedule.reference_epochs``), or converted from optimizer steps
+    (``schedule.unit = "step"``, which needs ``steps_per_epoch``)."""
+    s, o = recipe.schedule, recipe.optimizer
+    if s.unit == "step":
+        if not steps_per_epoch:
+            raise ValueError("a schedule in optimizer steps needs the number of steps per epoch")
+        scale = 1.0 / steps_per_epoch
+    else:
+        scale = recipe.train.epochs / s.reference_epochs if s.reference_epochs else 1.0
+    return EpochSettings(tuple(b * scale for b in s.boundaries), s.warmup_epochs * scale,
+                         o.alpha_center * scale, o.alpha_period * scale, scale)
+
+
+def recipe_values(recipe, epoch: float, steps_per_epoch: int | None = None) -> tuple[float, float]:
     """(learning rate, alpha_sgd) of a :class:`megabatch.recipe.Recipe` at ``epoch``.
 
-    The learning rate is ``schedule.factors`` times the batch-scaled base rate,
-    after the optional linear warm-up from the batch-256 rate; alpha_sgd follows
-    the RMSprop warm-up curve for ``rmsprop_warmup`` and is 1 (plain SGD) otherwise.
+    The learning rate is ``schedule.factors`` times the batch-scaled base rate (or its
+    polynomial decay), after the optional linear warm-up from the batch-256 rate;
+    alpha_sgd follows the RMSprop warm-up curve for ``rmsprop_warmup`` and is 1 (plain
+    SGD) otherwise. See :func:`epoch_settings` for the units.
     """
     s, o = recipe.schedule, recipe.optimizer
-    lr = piecewise_lr(epoch, recipe.base_lr, s.boundaries, s.factors, s.warmup_epochs, o.lr_per_256)
-    alpha = alpha_sgd(epoch, o.alpha_center, o.alpha_period) if o.name == "rmsprop_warmup" else 1.0
+    e = epoch_settings(recipe, steps_per_epoch)
+    if s.kind == "polynomial":
+        lr = polynomial_lr(epoch, recipe.base_lr, recipe.train.epochs, s.power, e.warmup_epochs, o.lr_per_256)
+    else:
+        lr = piecewise_lr(epoch, recipe.base_lr, e.boundaries, s.factors, e.warmup_epochs, o.lr_per_256)
+    alpha = alpha_sgd(epoch, e.alpha_center, e.alpha_period) if o.name == "rmsprop_warmup" else 1.0
     return lr, alpha

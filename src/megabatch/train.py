@@ -79,7 +79,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     sums.setdefault("steps", 0)
     start, images = time.perf_counter(), 0
     for step in range(run.iteration - epoch * steps, steps):
-        lr, alpha = schedules.recipe_values(r, run.iteration / steps)
+        lr, alpha = schedules.recipe_values(r, run.iteration / steps, steps)
         set_hyperparameters(run.optimizer, lr, alpha)
         batch = order[step * run.plan.global_batch:(step + 1) * run.plan.global_batch]
         augmentation = None

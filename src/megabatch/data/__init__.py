@@ -19,3 +19,14 @@ def load_datasets(config, data_dir: str | None = None) -> tuple[ImageTensors, Im
     else:
         train, test = fashion_mnist.load(data_dir or config.path or None)
     return train.subset(config.train_subset), test.subset(config.test_subset)
+
+
+IMAGENET_TRAIN_SIZE = 1_281_167
+
+
+def train_size(config) -> int:
+    """Training images of a recipe's ``[data]`` table, without loading them."""
+    full = {"fashion-mnist": 60_000, "imagenet": IMAGENET_TRAIN_SIZE}.get(config.dataset)
+    if full is None:
+        full = config.synthetic_size[0]
+    return min(full, config.train_subset) if config.train_subset > 0 else full

@@ -1,0 +1,254 @@
+"""LARS: momentum SGD with a layer-wise trust ratio.
+
+You, Gitman, Ginsburg 2017, "Large Batch Training of Convolutional Networks",
+arXiv:1708.03888, Algorithm 1, in the form used to train ResNet-50 on ImageNet
+with large batches.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class LARS(torch.optim.Optimizer):
+    r"""Momentum SGD whose step for each tensor is scaled by its trust ratio.
+
+    Per parameter tensor ``w`` with gradient ``grad``::
+
+        g        = grad + weight_decay * w
+        local_lr = trust_coefficient * ||w|| / (||g|| + eps)   if ||w|| > 0 and ||g|| > 0
+                   1                                            otherwise
+        buf      = momentum * buf + local_lr * g               (buf = local_lr * g at the first step)
+        w        = w - lr * buf
+        nesterov: w = w - lr * (local_lr * g + momentum * buf)
+
+    ``||.||`` is the L2 norm over the whole tensor (one layer's weight, or its
+    bias). ``||g||`` is the norm of the decayed gradient, the vector that is
+    actually scaled and applied, as in the MAE / MoCo v3 implementations:
+    then ``||local_lr * g|| = trust_coefficient * ||w||`` (up to ``eps``), so
+    before momentum every layer moves by the same fraction of its weight norm.
+    The paper (and timm, NVIDIA's MLPerf code) divide by
+    ``||grad|| + weight_decay * ||w||`` instead, the triangle-inequality bound
+    of the same norm; the two agree when ``weight_decay = 0``.
+
+    A group with ``lars_adaptation=False`` uses ``local_lr = 1``: there LARS is
+    exactly ``torch.optim.SGD(lr, momentum, weight_decay=..., nesterov=...)``.
+    ``megabatch.optim.param_groups`` puts batch-norm parameters and biases in
+    their own group, which is the usual place for that option. ``lr`` is the
+    global learning rate, which the trainer overwrites every iteration.
+
+    Reference: You, Gitman, Ginsburg 2017, arXiv:1708.03888.
+
+    Args:
+        params: parameters or parameter groups (dicts), as for any optimizer.
+        lr: global learning rate ``lr`` (>= 0; 0 is allowed, e.g. at the
+            start of a warm-up).
+        momentum: momentum of ``buf``, in [0, 1).
+        weight_decay: L2 coefficient added to the gradient, before the trust
+            ratio is computed.
+        trust_coefficient: ``eta`` of the paper, > 0.
+        eps: added to ``||g||`` in the trust ratio's denominator.
+        nesterov: Nesterov momentum, as in ``torch.optim.SGD``.
+        exclude_from_adaptation: the default of the group option
+            ``lars_adaptation`` is ``not exclude_from_adaptation``; a group
+            can set ``lars_adaptation`` itself.
+        foreach: use the multi-tensor (``torch._foreach_*``) path. ``None``
+            picks it when every parameter is on CUDA, as PyTorch's optimizers do.
+
+    State per parameter: ``momentum_buffer`` (``buf``).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-9,
+        nesterov: bool = False,
+        exclude_from_adaptation: bool = False,
+        foreach: bool | None = None,
+    ):
+        if not isinstance(exclude_from_adaptation, bool):
+            raise ValueError(
+                f"exclude_from_adaptation must be a bool, got {exclude_from_adaptation!r}"
+            )
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            nesterov=nesterov,
+            lars_adaptation=not exclude_from_adaptation,
+            foreach=foreach,
+        )
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        # Also checks values that a group sets itself, e.g. its own weight_decay.
+        super().add_param_group(param_group)
+        _check_hyperparameters(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Apply one update to every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # The trainer sets lr every iteration: check every group before
+        # touching any parameter.
+        for group in self.param_groups:
+            if not group["lr"] >= 0.0:
+                raise ValueError(f"lr must be >= 0, got {group['lr']}")
+
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("LARS does not support sparse gradients")
+
+            grads, bufs = [], []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    # Zeros: the first step then gives buf = local_lr * g exactly.
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                grads.append(p.grad)
+                bufs.append(state["momentum_buffer"])
+
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = _all_on_cuda(params)
+            update = _multi_tensor_update if foreach else _single_tensor_update
+            update(
+                params,
+                grads,
+                bufs,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                trust_coefficient=group["trust_coefficient"],
+                eps=group["eps"],
+                nesterov=group["nesterov"],
+                lars_adaptation=group["lars_adaptation"],
+            )
+        return loss
+
+
+def _check_hyperparameters(group: dict) -> None:
+    """Raise ValueError for any hyperparameter outside its valid range."""
+    if not group["lr"] >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {group['lr']}")
+    if not 0.0 <= group["momentum"] < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+    if not group["weight_decay"] >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+    if not group["trust_coefficient"] > 0.0:
+        raise ValueError(f"trust_coefficient must be > 0, got {group['trust_coefficient']}")
+    if not group["eps"] >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {group['eps']}")
+    if not isinstance(group["nesterov"], bool):
+        raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}")
+    if group["nesterov"] and group["momentum"] == 0.0:
+        raise ValueError("nesterov momentum requires momentum > 0")
+    if not isinstance(group["lars_adaptation"], bool):
+        raise ValueError(f"lars_adaptation must be a bool, got {group['lars_adaptation']!r}")
+    if group["foreach"] not in (None, False, True):
+        raise ValueError(f"foreach must be None or a bool, got {group['foreach']!r}")
+
+
+def _all_on_cuda(params: list[Tensor]) -> bool:
+    # PyTorch's default: the multi-tensor kernels pay off only on an accelerator,
+    # and only for plain tensors (not tensor subclasses).
+    return all(type(p) in (Tensor, nn.Parameter) and p.is_cuda for p in params)
+
+
+def _trust_ratio(w_norm: Tensor, g_norm: Tensor, trust_coefficient: float, eps: float) -> Tensor:
+    """``trust_coefficient * ||w|| / (||g|| + eps)``, or 1 where either norm is 0.
+
+    Elementwise, so the per-tensor path (0-dim norms) and the multi-tensor
+    path (stacked norms) compute the same bits. Stays on the device: no sync.
+    """
+    ratio = trust_coefficient * w_norm / (g_norm + eps)
+    return torch.where((w_norm > 0.0) & (g_norm > 0.0), ratio, 1.0)
+
+
+def _single_tensor_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    lars_adaptation: bool,
+) -> None:
+    # Same operations, in the same order, as torch.optim.SGD when local_lr = 1.
+    for p, g, buf in zip(params, grads, bufs):
+        if weight_decay != 0.0:
+            g = g.add(p, alpha=weight_decay)
+        if lars_adaptation:
+            ratio = _trust_ratio(
+                torch.linalg.vector_norm(p), torch.linalg.vector_norm(g), trust_coefficient, eps
+            )
+            g = g.mul(ratio)
+        buf.mul_(momentum).add_(g)
+        if nesterov:
+            p.add_(g.add(buf, alpha=momentum), alpha=-lr)
+        else:
+            p.add_(buf, alpha=-lr)
+
+
+def _multi_tensor_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    lars_adaptation: bool,
+) -> None:
+    # The same operations as _single_tensor_update, in the same order. The
+    # fused kernels need lists of one device and dtype, so group first.
+    buckets: dict[tuple, tuple[list, list, list]] = {}
+    for tensors in zip(params, grads, bufs):
+        bucket = buckets.setdefault((tensors[0].device, tensors[0].dtype), ([], [], []))
+        for lst, t in zip(bucket, tensors):
+            lst.append(t)
+
+    for p, g, buf in buckets.values():
+        if weight_decay != 0.0:
+            g = torch._foreach_add(g, p, alpha=weight_decay)
+        if lars_adaptation:
+            # One small elementwise kernel for all the ratios of the bucket.
+            w_norms = torch.stack(torch._foreach_norm(p))
+            g_norms = torch.stack(torch._foreach_norm(g))
+            ratios = _trust_ratio(w_norms, g_norms, trust_coefficient, eps)
+            g = torch._foreach_mul(g, list(ratios.unbind(0)))
+        torch._foreach_mul_(buf, momentum)
+        torch._foreach_add_(buf, g)
+        if nesterov:
+            p_update = torch._foreach_add(g, buf, alpha=momentum)
+            torch._foreach_add_(p, p_update, alpha=-lr)
+        else:
+            torch._foreach_add_(p, buf, alpha=-lr)
