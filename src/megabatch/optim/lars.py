@@ -19,9 +19,11 @@ class LARS(torch.optim.Optimizer):
         g        = grad + weight_decay * w
         local_lr = trust_coefficient * ||w|| / (||g|| + eps)   if ||w|| > 0 and ||g|| > 0
                    1                                            otherwise
-        buf      = momentum * buf + local_lr * g               (buf = local_lr * g at the first step)
+        buf      = momentum * buf + local_lr * g
         w        = w - lr * buf
         nesterov: w = w - lr * (local_lr * g + momentum * buf)
+
+    At the first step ``buf = local_lr * g``, as ``torch.optim.SGD`` (dampening 0).
 
     ``||.||`` is the L2 norm over the whole tensor (one layer's weight, or its
     bias). ``||g||`` is the norm of the decayed gradient, the vector that is
