@@ -133,6 +133,40 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    import json
+
+    from megabatch import provenance
+    from megabatch.study import load_spec, run_study
+    from megabatch.study.report import plot, write_csv, write_markdown
+
+    batches = None
+    if args.batches:
+        try:
+            batches = [int(b) for b in args.batches.split(",") if b.strip()]
+        except ValueError:
+            raise UserError(f"--batches {args.batches!r} must be comma-separated integers") from None
+    spec = load_spec(args.spec, epochs=args.epochs, batches=batches)
+    out = Path(args.out) if args.out else Path("runs") / f"study-{spec.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    (out / "study.json").write_text(json.dumps(
+        {**provenance.collect(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+         "spec": args.spec, "epochs": spec.epochs, "batches": list(spec.batches),
+         "runs": len(spec.runs())}, indent=2) + "\n")
+    results = run_study(spec, out, args.data, args.parallel)
+    write_csv(results, out / "results.csv")
+    note = ""
+    if args.epochs or batches:
+        note = (f"Reduced grid: {spec.epochs} epochs per run and batches {list(spec.batches)} "
+                f"(the spec's own: see `megabatch study --spec {args.spec}` without --epochs/--batches).")
+    write_markdown(spec, results, out / "report.md", note)
+    written = plot(spec, results, out)
+    print(f"wrote {out / 'results.csv'}, {out / 'report.md'}" + "".join(f", {p}" for p in written))
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from megabatch.simulate.command import run
 
@@ -177,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=float, default=1.0, help="sample every K epochs (default 1)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw lr and alpha_sgd against epochs")
     p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("study", help="accuracy against batch size: a grid of methods x batches x seeds")
+    p.add_argument("--spec", required=True, help="built-in study spec or a .toml file")
+    p.add_argument("--out", help="study folder (default runs/study-<spec>); finished runs are skipped")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--data", help="folder with the data set (default: the recipes')")
+    p.add_argument("--epochs", type=int, help="a reduced grid: this epoch budget instead of the spec's")
+    p.add_argument("--batches", help="a reduced grid: these batches (comma-separated) instead of the spec's")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("simulate", help="predict time and scaling efficiency on a cluster")
     configure_simulate(p)

@@ -24,7 +24,7 @@ from megabatch.data.images import ImageTensors
 from megabatch.distributed import DistInfo, wrap_model
 from megabatch.errors import UserError
 from megabatch.nn import convert_to_ghost_bn, set_bn_mode
-from megabatch.optim import RMSpropWarmup, param_groups
+from megabatch.optim import LARS, RMSpropWarmup, param_groups
 from megabatch.progress import Progress
 from megabatch.recipe import Recipe, to_dict, to_toml
 from megabatch.schedules import epoch_settings
@@ -85,8 +85,12 @@ def build_model(recipe: Recipe, in_channels: int, num_classes: int, device: torc
 
 def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     o = recipe.optimizer
-    groups = param_groups(model, o.weight_decay, o.no_decay_bn_bias)
+    # LARS's trust ratio is skipped where weight decay is (You et al.: BN and biases).
+    groups = param_groups(model, o.weight_decay, o.no_decay_bn_bias,
+                          {"lars_adaptation": False} if o.name == "lars" else None)
     # The trainer sets lr (and alpha_sgd) before every step; these are placeholders.
+    if o.name == "lars":
+        return LARS(groups, lr=recipe.base_lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient)
     if o.name == "rmsprop_warmup":
         return RMSpropWarmup(groups, lr=recipe.base_lr, momentum=o.momentum, rms_decay=o.rms_decay,
                              eps=o.eps, rmsprop_lr=o.rmsprop_lr, alpha_sgd=0.0)

@@ -110,3 +110,10 @@ def test_weight_decay_alone_moves_only_decayed_params(make_optimizer):
             assert ((p - before[name]) * before[name] <= 0).all(), name  # toward zero
         else:
             assert torch.equal(p, before[name]), name
+
+
+def test_no_decay_options_go_to_the_no_decay_group_only():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    decay, no_decay = param_groups(model, 1e-4, True, {"lars_adaptation": False})
+    assert "lars_adaptation" not in decay and no_decay["lars_adaptation"] is False
+    assert no_decay["weight_decay"] == 0.0

@@ -14,13 +14,17 @@ _NORM_LAYERS = (
 )
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool,
+                 no_decay_options: dict | None = None) -> list[dict]:
     """Parameter groups for an optimizer, with or without decay on norms and biases.
 
     With ``no_decay_bn_bias``, the parameters of normalization layers, every
     parameter named ``...bias`` and every parameter with at most one dimension
     go in a group with ``weight_decay=0.0``; the rest (conv and linear weights)
     in a group with ``weight_decay``. Without it, one group holds everything.
+
+    ``no_decay_options`` are further settings of the no-decay group (e.g.
+    ``{"lars_adaptation": False}``: LARS also skips its trust ratio there).
 
     Only parameters with ``requires_grad`` are included, a shared parameter
     only once (where ``model.modules()`` first meets it), and
@@ -38,6 +42,6 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) 
 
     groups = [
         {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": no_decay, "weight_decay": 0.0, **(no_decay_options or {})},
     ]
     return [g for g in groups if g["params"]]

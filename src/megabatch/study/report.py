@@ -1,0 +1,145 @@
+"""What a study writes: results.csv, report.md and its plots."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from megabatch.study.spec import StudySpec
+
+COLUMNS = ["method", "recipe", "batch", "workers", "seed", "epochs", "steps", "final_top1", "best_top1",
+           "diverged", "wall_time_s", "images_per_s"]
+TOLERANCE = 1.0  # points of top-1 below the small-batch baseline that still count as "keeps up"
+
+
+def write_csv(results: Sequence[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+
+
+def cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, int], list[float]]:
+    """Final top-1 of each (method, batch) over seeds; a diverged run counts as NaN."""
+    grouped: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in results:
+        grouped[r["method"], r["batch"]].append(r["final_top1"])
+    return grouped
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    if any(math.isnan(v) for v in values):
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def largest_keeping_up(spec: StudySpec, results: Sequence[dict[str, Any]], baseline: float) -> dict[str, int | None]:
+    """Per method, the largest batch whose mean final top-1 is within TOLERANCE of the
+    baseline (only batches where every smaller tested batch also kept up count)."""
+    table = cells(results)
+    answer: dict[str, int | None] = {}
+    for method in spec.methods:
+        best = None
+        for batch in sorted(b for m, b in table if m == method.name):
+            mean, _ = mean_spread(table[method.name, batch])
+            if math.isnan(mean) or mean < baseline - TOLERANCE:
+                break
+            best = batch
+        answer[method.name] = best
+    return answer
+
+
+def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Path, note: str = "") -> None:
+    table = cells(results)
+    batches = sorted({b for _, b in table})
+    baseline_method = spec.methods[0].name
+    base_values = [v for (m, _), vs in table.items() if m == baseline_method for v in vs]
+    baseline, _ = mean_spread(base_values)
+    lines = [f"# Study {spec.name}", "", spec.description, "",
+             f"{len(results)} runs, {spec.epochs} epochs each. Final test top-1 (%), mean ± standard "
+             f"deviation over seeds (n); \"diverged\" = the loss became NaN or infinite.", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| method | " + " | ".join(f"{b:,}" for b in batches) + " |",
+              "| --- |" + " --- |" * len(batches)]
+    for method in spec.methods:
+        row = []
+        for batch in batches:
+            values = table.get((method.name, batch))
+            if not values:
+                row.append("")
+                continue
+            mean, spread = mean_spread(values)
+            row.append("diverged" if math.isnan(mean) else f"{mean:.2f} ± {spread:.2f} ({len(values)})")
+        lines.append(f"| {method.name} | " + " | ".join(row) + " |")
+    lines += ["", f"Small-batch reference ({baseline_method}): {baseline:.2f}%. Largest batch at which each "
+              f"method stays within {TOLERANCE:g} point of it:", ""]
+    for name, batch in largest_keeping_up(spec, results, baseline).items():
+        if name != baseline_method:
+            lines.append(f"- {name}: {f'{batch:,}' if batch else 'none of the tested batches'}")
+    lines += ["", "Per run: `results.csv`; plots: `accuracy_vs_batch.png`, `curves_largest_batch.png`, "
+              "`ablations.png`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(spec: StudySpec, results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    table = cells(results)
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in spec.methods:
+        if method.ablation_of:
+            continue
+        points = sorted((b, mean_spread(v)) for (m, b), v in table.items() if m == method.name)
+        if points:
+            ax.errorbar([b for b, _ in points], [ms[0] for _, ms in points], yerr=[ms[1] for _, ms in points],
+                        marker="o", capsize=3, label=method.name)
+    ax.set(xscale="log", xlabel="global batch", ylabel="final test top-1 (%)", title=spec.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_batch.png", dpi=100)
+    written.append(out / "accuracy_vs_batch.png")
+    plt.close(fig)
+
+    largest = max(r["batch"] for r in results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        if r["batch"] == largest and r["seed"] == min(x["seed"] for x in results):
+            curve = [c if c is not None else float("nan") for c in r["curve"]]
+            ax.plot(range(1, len(curve) + 1), curve, marker=".", label=r["method"])
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"batch {largest:,}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves_largest_batch.png", dpi=100)
+    written.append(out / "curves_largest_batch.png")
+    plt.close(fig)
+
+    ablated = [m for m in spec.methods if m.ablation_of]
+    if ablated:
+        names = list(dict.fromkeys([m.ablation_of for m in ablated] + [m.name for m in ablated]))
+        values = [mean_spread(table.get((n, largest), [float("nan")])) for n in names]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.bar(range(len(names)), [0 if math.isnan(v[0]) else v[0] for v in values],
+               yerr=[0 if math.isnan(v[1]) else v[1] for v in values], capsize=3)
+        for i, v in enumerate(values):
+            ax.text(i, (0 if math.isnan(v[0]) else v[0]) + 0.5, "diverged" if math.isnan(v[0]) else f"{v[0]:.1f}",
+                    ha="center")
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set(ylabel="final test top-1 (%)", title=f"ablations at batch {largest:,}")
+        fig.tight_layout()
+        fig.savefig(out / "ablations.png", dpi=100)
+        written.append(out / "ablations.png")
+        plt.close(fig)
+    return written

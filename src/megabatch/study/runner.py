@@ -1,0 +1,101 @@
+"""Running a study: every cell of the grid as its own ``megabatch train`` process.
+
+Each run writes to ``OUT/runs/<method>/b<batch>-s<seed>/`` and is finished when
+its ``result.json`` exists, so an interrupted study continues where it stopped.
+``--parallel N`` runs N at once (several small models share one GPU well; on a
+CPU each gets cores / N threads). A diverged run is a result (the method failed
+at that batch), not an error; any other failure stops the study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from megabatch.errors import UserError
+from megabatch.study.spec import Run, StudySpec
+
+
+def run_dir(out: Path, run: Run) -> Path:
+    return out / "runs" / run.key
+
+
+def read_result(out: Path, run: Run) -> dict[str, Any] | None:
+    path = run_dir(out, run) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summarize(run: Run, folder: Path, diverged: bool, wall_time_s: float) -> dict[str, Any]:
+    """One row of results.csv, from the run's metrics.jsonl and run.json."""
+    metrics = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()] \
+        if (folder / "metrics.jsonl").is_file() else []
+    info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    tested = [m["test_top1"] for m in metrics if "test_top1" in m]
+    trained_s = sum(m["train_time_s"] for m in metrics)
+    steps = metrics[-1]["iteration"] if metrics else 0
+    return {
+        "method": run.method.name, "recipe": run.method.recipe, "batch": run.batch,
+        "workers": info.get("workers", run.batch // 32), "seed": run.seed,
+        "epochs": metrics[-1]["epoch"] if metrics else 0, "steps": steps,
+        "final_top1": float("nan") if diverged or not tested else tested[-1],
+        "best_top1": max(tested) if tested else float("nan"),
+        "diverged": diverged, "wall_time_s": round(wall_time_s, 1),
+        "images_per_s": round(steps * run.batch / trained_s, 1) if trained_s else 0.0,
+        "curve": [m.get("test_top1") for m in metrics],
+    }
+
+
+def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads: int) -> dict[str, Any]:
+    folder = run_dir(out, run)
+    if folder.exists():  # an interrupted earlier attempt: start it again
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "megabatch", "train", "--recipe", run.method.recipe, "--out", str(folder)]
+    for assignment in spec.overrides(run):
+        cmd += ["--set", assignment]
+    if data_dir:
+        cmd += ["--data", data_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    (folder.parent / f"{folder.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode not in (0, 1):
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"study run {run.key} failed ({last}); see {folder.parent / (folder.name + '.log')}")
+    result = summarize(run, folder, diverged=proc.returncode == 1, wall_time_s=time.perf_counter() - start)
+    tmp = folder / ".result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, folder / "result.json")  # the run counts as finished only now
+    return result
+
+
+def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel: int = 1,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every unfinished cell of the grid; return all results in grid order."""
+    if parallel < 1:
+        raise UserError(f"--parallel must be at least 1, got {parallel}")
+    grid = spec.runs()
+    todo = [run for run in grid if read_result(out, run) is None]
+    log(f"study {spec.name}: {len(grid)} runs ({len(grid) - len(todo)} already done in {out}), "
+        f"{spec.epochs} epochs each, {parallel} at a time")
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    done = len(grid) - len(todo)
+
+    def one(run: Run) -> None:
+        nonlocal done
+        result = execute(spec, run, out, data_dir, threads)
+        done += 1
+        state = "diverged" if result["diverged"] else f"top-1 {result['final_top1']:.2f}%"
+        log(f"[{done}/{len(grid)}] {run.key}: {state}, {result['steps']} steps, {result['wall_time_s']:.0f} s")
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for future in [pool.submit(one, run) for run in todo]:
+            future.result()
+    return [read_result(out, run) for run in grid]

@@ -1,0 +1,153 @@
+"""Study specs: which methods (recipes) to run at which global batches and seeds.
+
+A spec is a TOML file (built-in ones in ``megabatch/specs``)::
+
+    description = "..."
+    epochs = 90                 # epoch budget of every run
+    batches = [512, 2048, 8192, 16384]
+    seeds = [0]
+    extra_seeds = [1]           # also run these seeds ...
+    extra_seeds_from = 8192     # ... at batches >= this
+    set = ["data.augment=false"]  # --set overrides for every run
+
+    [methods.baseline]
+    recipe = "fashion-mnist-baseline"
+    batches = [128]             # its own batches instead of the study's
+    [methods.paper-no-rmsprop]
+    recipe = "fashion-mnist-paper-no-rmsprop"
+    largest_only = true         # only at the study's largest batch
+    ablation_of = "paper"       # drawn in the ablation bars beside "paper"
+    seeds = [0]                 # its own seeds instead of the study's
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from megabatch import recipe as recipes
+from megabatch.errors import UserError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    recipe: str
+    batches: tuple[int, ...] = ()  # empty: the study's batches
+    largest_only: bool = False
+    ablation_of: str = ""
+    set: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()  # empty: the study's seeds (and extra seeds)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid."""
+
+    method: Method
+    batch: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.method.name}/b{self.batch}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    description: str
+    methods: tuple[Method, ...]
+    batches: tuple[int, ...]
+    epochs: int = 90
+    seeds: tuple[int, ...] = (0,)
+    extra_seeds: tuple[int, ...] = ()
+    extra_seeds_from: int = 0
+    set: tuple[str, ...] = field(default=())
+
+    def runs(self) -> list[Run]:
+        """The grid: every method at its batches, every seed (extra seeds at large batches)."""
+        grid = []
+        for method in self.methods:
+            batches = method.batches or self.batches
+            if method.largest_only:
+                batches = (max(self.batches),)
+            for batch in batches:
+                seeds = method.seeds or self.seeds + (self.extra_seeds if batch >= self.extra_seeds_from else ())
+                grid += [Run(method, batch, seed) for seed in dict.fromkeys(seeds)]
+        return grid
+
+    def overrides(self, run: Run) -> list[str]:
+        return [*self.set, *run.method.set, f"batch.global_batch={run.batch}", f"train.seed={run.seed}",
+                f"train.epochs={self.epochs}"]
+
+
+def builtin_names() -> list[str]:
+    folder = resources.files("megabatch") / "specs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+_TOP = {"description": str, "epochs": int, "batches": list, "seeds": list, "extra_seeds": list,
+        "extra_seeds_from": int, "set": list, "methods": dict}
+_METHOD = {"recipe": str, "batches": list, "largest_only": bool, "ablation_of": str, "set": list,
+           "seeds": list}
+
+
+def _check(table: dict[str, Any], allowed: dict[str, type], where: str) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise UserError(f"unknown study spec key {where}{key}; known: {', '.join(allowed)}")
+        if not isinstance(value, allowed[key]) or isinstance(value, bool) and allowed[key] is int:
+            raise UserError(f"study spec key {where}{key} must be {allowed[key].__name__}, got {value!r}")
+
+
+def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] | None = None) -> StudySpec:
+    """Load a built-in spec or a TOML file; ``epochs``/``batches`` replace the spec's (a
+    reduced grid). Every method's recipe is loaded once to catch mistakes before running."""
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UserError(f"study spec {path} does not exist")
+        text = path.read_text()
+    elif name_or_path in builtin_names():
+        text = (resources.files("megabatch") / "specs" / f"{name_or_path}.toml").read_text()
+    else:
+        raise UserError(f"unknown study spec {name_or_path!r}: choose one of {', '.join(builtin_names())} "
+                        f"or give a .toml file")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"study spec {name_or_path} is not valid TOML: {e}") from None
+    _check(data, _TOP, "")
+    if not data.get("methods"):
+        raise UserError(f"study spec {name_or_path} has no [methods.NAME] tables")
+    methods = []
+    for name, table in data["methods"].items():
+        if not isinstance(table, dict) or "recipe" not in table:
+            raise UserError(f"study spec method {name} needs a recipe = \"NAME\"")
+        _check(table, _METHOD, f"methods.{name}.")
+        methods.append(Method(name, table["recipe"], tuple(table.get("batches", ())),
+                              table.get("largest_only", False), table.get("ablation_of", ""),
+                              tuple(table.get("set", ())), tuple(table.get("seeds", ()))))
+    spec = StudySpec(
+        name=Path(name_or_path).stem, description=data.get("description", ""), methods=tuple(methods),
+        batches=tuple(batches or data.get("batches", ())), epochs=epochs or data.get("epochs", 90),
+        seeds=tuple(data.get("seeds", (0,))), extra_seeds=tuple(data.get("extra_seeds", ())),
+        extra_seeds_from=data.get("extra_seeds_from", 0), set=tuple(data.get("set", ())))
+    if not spec.batches:
+        raise UserError(f"study spec {name_or_path} needs batches = [...]")
+    names = {m.name for m in spec.methods}
+    for method in spec.methods:
+        if method.ablation_of and method.ablation_of not in names:
+            raise UserError(f"method {method.name}: ablation_of = {method.ablation_of!r} is not a method")
+    for run in spec.runs():
+        recipes.load(run.method.recipe, spec.overrides(run))  # fail now, not hours in
+    return spec
