@@ -8,7 +8,9 @@ with large batches.
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from megabatch.optim.foreach import by_device_and_dtype, use_foreach
 
 
 class LARS(torch.optim.Optimizer):
@@ -131,9 +133,7 @@ class LARS(torch.optim.Optimizer):
                 grads.append(p.grad)
                 bufs.append(state["momentum_buffer"])
 
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = _all_on_cuda(params)
+            foreach = use_foreach(group["foreach"], params)
             update = _multi_tensor_update if foreach else _single_tensor_update
             update(
                 params,
@@ -172,10 +172,6 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError(f"foreach must be None or a bool, got {group['foreach']!r}")
 
 
-def _all_on_cuda(params: list[Tensor]) -> bool:
-    # PyTorch's default: the multi-tensor kernels pay off only on an accelerator,
-    # and only for plain tensors (not tensor subclasses).
-    return all(type(p) in (Tensor, nn.Parameter) and p.is_cuda for p in params)
 
 
 def _trust_ratio(w_norm: Tensor, g_norm: Tensor, trust_coefficient: float, eps: float) -> Tensor:
@@ -230,15 +226,8 @@ def _multi_tensor_update(
     nesterov: bool,
     lars_adaptation: bool,
 ) -> None:
-    # The same operations as _single_tensor_update, in the same order. The
-    # fused kernels need lists of one device and dtype, so group first.
-    buckets: dict[tuple, tuple[list, list, list]] = {}
-    for tensors in zip(params, grads, bufs):
-        bucket = buckets.setdefault((tensors[0].device, tensors[0].dtype), ([], [], []))
-        for lst, t in zip(bucket, tensors):
-            lst.append(t)
-
-    for p, g, buf in buckets.values():
+    # The same operations as _single_tensor_update, in the same order.
+    for p, g, buf in by_device_and_dtype(params, grads, bufs):
         if weight_decay != 0.0:
             g = torch._foreach_add(g, p, alpha=weight_decay)
         if lars_adaptation:

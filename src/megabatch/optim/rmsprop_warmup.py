@@ -7,7 +7,9 @@ on ImageNet in 15 Minutes", arXiv:1711.04325, section "RMSprop warm-up".
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from megabatch.optim.foreach import by_device_and_dtype, use_foreach
 
 
 class RMSpropWarmup(torch.optim.Optimizer):
@@ -127,9 +129,7 @@ class RMSpropWarmup(torch.optim.Optimizer):
                 square_avgs.append(state["square_avg"])
                 deltas.append(state["delta"])
 
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = _all_on_cuda(params)
+            foreach = use_foreach(group["foreach"], params)
             update = _multi_tensor_update if foreach else _single_tensor_update
             update(
                 params,
@@ -165,10 +165,6 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError(f"alpha_sgd must be in [0, 1], got {group['alpha_sgd']}")
 
 
-def _all_on_cuda(params: list[Tensor]) -> bool:
-    # PyTorch's default: the multi-tensor kernels pay off only on an accelerator,
-    # and only for plain tensors (not tensor subclasses).
-    return all(type(p) in (Tensor, nn.Parameter) and p.is_cuda for p in params)
 
 
 def _single_tensor_update(
@@ -211,15 +207,8 @@ def _multi_tensor_update(
     alpha_sgd: float,
     alpha_rmsprop: float,
 ) -> None:
-    # The same operations as _single_tensor_update, in the same order. The
-    # fused kernels need lists of one device and dtype, so group first.
-    buckets: dict[tuple, tuple[list, list, list, list]] = {}
-    for tensors in zip(params, grads, square_avgs, deltas):
-        bucket = buckets.setdefault((tensors[0].device, tensors[0].dtype), ([], [], [], []))
-        for lst, t in zip(bucket, tensors):
-            lst.append(t)
-
-    for p, g, square_avg, delta in buckets.values():
+    # The same operations as _single_tensor_update, in the same order.
+    for p, g, square_avg, delta in by_device_and_dtype(params, grads, square_avgs, deltas):
         if weight_decay != 0.0:
             g = torch._foreach_add(g, p, alpha=weight_decay)
         torch._foreach_mul_(square_avg, rms_decay)
