@@ -150,3 +150,16 @@ def test_diverged_run_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_p
     assert "training diverged" in err and "at epoch 2, iteration 5 (step 2 of the epoch)" in err
     good = out / "checkpoints" / "step-00000004.pt"
     assert str(good) in err and checkpoint.load(good)["epoch"] == 1
+
+
+def test_paper_recipe_with_resnet50_checkpoint_loads_into_torchvision(tmp_path, capsys):
+    import torchvision
+
+    out = tmp_path / "r50"
+    assert main(["train", "--recipe", "paper-resnet50-imagenet-32k", "--out", str(out),
+                 "--set", "data.dataset=synthetic", "--set", "data.synthetic_size=[64, 16, 32, 3, 1000]",
+                 "--set", "batch.global_batch=64", "--set", "train.max_steps=1"]) == 0
+    assert "global batch 64 = 2 workers x 32 images" in capsys.readouterr().out
+    state = checkpoint.load(out / "final.pt")
+    assert state["iteration"] == 1
+    torchvision.models.resnet50().load_state_dict(state["model"], strict=True)

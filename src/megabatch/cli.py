@@ -45,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         state = resume_state(out, log=lambda m: info.is_main and print(m, file=sys.stderr))
         if state is None and args.resume:
             raise UserError(f"{out} holds no complete checkpoint to resume from")
+        if state is None and info.is_main:  # restarted before the first checkpoint: start over
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     elif (out / "metrics.jsonl").exists():
         raise UserError(f"{out} already holds a run: choose another --out folder, or continue it "
                         f"with --resume {out}")

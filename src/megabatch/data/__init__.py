@@ -11,9 +11,10 @@ def load_datasets(config, data_dir: str | None = None) -> tuple[ImageTensors, Im
     """Training and test sets of a recipe's ``[data]`` table; ``data_dir`` (--data) wins over
     ``config.path``."""
     if config.dataset == "imagenet":
-        raise UserError("the ImageNet input pipeline is not implemented yet (it is planned, with GPU "
-                        "JPEG decoding); to try an ImageNet recipe's optimization and batch settings "
-                        "now, add --set data.dataset=synthetic --set data.synthetic_size=[2048,256,64,3,1000]")
+        raise UserError("the ImageNet input pipeline is not implemented yet; to run an ImageNet "
+                        "recipe's model and optimization on random images now, add --set "
+                        "data.dataset=synthetic --set data.synthetic_size=[TRAIN,TEST,SIZE,3,1000] "
+                        "with TRAIN at least batch.global_batch")
     if config.dataset == "synthetic":
         train, test = synthetic.make(*config.synthetic_size)
     else:
