@@ -51,3 +51,7 @@ def test_order_and_augmentation_depend_only_on_seed_and_position():
     assert not torch.equal(epoch_order(1, 3, 1000), epoch_order(1, 4, 1000))
     assert sorted(epoch_order(0, 0, 50).tolist()) == list(range(50))
     assert torch.equal(torch.rand(5, generator=step_generator(0, 7)), torch.rand(5, generator=step_generator(0, 7)))
+
+
+def test_micro_batch_larger_than_the_share_is_the_share():
+    assert BatchPlan.create(256, 32, 1024, processes=2).micro_batch == 128

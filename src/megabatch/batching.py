@@ -39,6 +39,8 @@ class BatchPlan:
                             f"per worker) cannot be shared by {processes} processes: use a number "
                             f"of processes that divides {workers}, or change batch.global_batch")
         local = global_batch // processes
+        # A micro-batch is an upper bound on the images of one pass: never more than the share.
+        micro_batch = min(micro_batch, local)
         if micro_batch == 0:
             per_pass = max(1, min(local, DEFAULT_MAX_MICRO_BATCH) // per_worker_batch)
             while (local // per_worker_batch) % per_pass:

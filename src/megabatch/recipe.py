@@ -66,7 +66,8 @@ class BatchConfig:
     """Images per worker: each worker's batch-norm statistics come from this many images."""
     micro_batch: int = 0
     """Images per forward pass on one device, a multiple of per_worker_batch. A memory
-    knob only: it never changes the result. 0 = min(1024, the process's share of the batch)."""
+    knob only: it never changes the result. 0 = min(1024, the process's share of the batch);
+    a value above the share means the share."""
 
 
 @dataclass
