@@ -18,7 +18,7 @@ from megabatch.run import build_optimizer, start_run
 from megabatch.train import set_hyperparameters, train_one_epoch
 from megabatch.schedules import recipe_values
 
-SMALL = ["data.train_subset=1024", "data.test_subset=500", "train.epochs=1"]
+SMALL = ["data.train_subset=1024", "data.test_subset=500", "train.epochs=1", "train.comm_dtype=fp32"]
 
 
 def quiet_run(tmp_path, overrides, data_dir=None):

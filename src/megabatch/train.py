@@ -14,22 +14,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megabatch import checkpoint, schedules
-from megabatch.batching import epoch_order, step_generator
-from megabatch.data.images import Augmentation, ImageTensors
+from megabatch.data.images import ImageTensors
 from megabatch.distributed import (DistInfo, accumulation, all_reduce_mean, all_reduce_sum,
                                    round_gradients)
 from megabatch.errors import Diverged
 from megabatch.nn import average_bn_stats, step_statistics
 from megabatch.run import Run, checkpoint_state, describe, memory_format
-
-AUGMENT_PAD = 2
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, alpha_sgd: float) -> None:
@@ -39,23 +36,21 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, alpha_sgd: 
             group["alpha_sgd"] = alpha_sgd
 
 
-def train_step(run: Run, index: torch.Tensor, augmentation: Augmentation | None) -> float:
-    """One optimizer step on this process's share ``index`` of a global batch.
+def train_step(run: Run, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """One optimizer step on this process's share of a global batch, given as micro-batches.
 
     Returns the mean training loss over the global batch. Each micro-batch's summed
     loss is divided by the share's size, so the accumulated gradient is the mean over
     the share; DDP then averages the shares.
     """
     total = torch.zeros((), device=run.device)
-    parts = run.plan.micro_slices()
+    passes = run.plan.micro_batches
     with step_statistics(run.model):
-        for i, part in enumerate(parts):
-            x, y = run.train_data.batch(index[part], run.device,
-                                        augmentation[part] if augmentation else None)
-            with accumulation(run.net, last=i == len(parts) - 1):
+        for i, (x, y) in enumerate(micro_batches):
+            with accumulation(run.net, last=i == passes - 1):
                 logits = run.net(x.contiguous(memory_format=memory_format(run.device)))
                 loss = F.cross_entropy(logits, y, reduction="sum",
-                                       label_smoothing=run.recipe.train.label_smoothing) / len(index)
+                                       label_smoothing=run.recipe.train.label_smoothing) / run.plan.local_batch
                 loss.backward()
             total += loss.detach()
     # Every process sees the same loss, so all of them stop together on a NaN.
@@ -73,20 +68,16 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     """Train until the end of ``epoch`` (from wherever ``run.iteration`` stands in it)."""
     run.net.train()
     r, steps = run.recipe, run.steps_per_epoch
-    order = epoch_order(r.train.seed, epoch, len(run.train_data))
     sums = run.partial_epoch  # kept in mid-epoch checkpoints, so a resumed epoch reports the same
     sums.setdefault("loss", 0.0)
     sums.setdefault("steps", 0)
     start, images = time.perf_counter(), 0
-    for step in range(run.iteration - epoch * steps, steps):
+    first = run.iteration - epoch * steps
+    batches = run.train_data.training_steps(epoch, first, run.plan, r.train.seed, r.data.augment, run.device)
+    for step, micro_batches in enumerate(batches, start=first):
         lr, alpha = schedules.recipe_values(r, run.iteration / steps, steps)
         set_hyperparameters(run.optimizer, lr, alpha)
-        batch = order[step * run.plan.global_batch:(step + 1) * run.plan.global_batch]
-        augmentation = None
-        if r.data.augment:
-            augmentation = Augmentation.draw(len(batch), AUGMENT_PAD, step_generator(r.train.seed, run.iteration))
-            augmentation = augmentation[run.plan.local_slice()]
-        loss = train_step(run, batch[run.plan.local_slice()], augmentation)
+        loss = train_step(run, micro_batches)
         if not math.isfinite(loss):
             newest = checkpoint.list_checkpoints(run.checkpoint_dir)
             kept = f"the last good checkpoint is {newest[-1]}" if newest else "no checkpoint was written yet"
@@ -122,8 +113,7 @@ def evaluate(model: nn.Module, data: ImageTensors, device: torch.device, dist: D
     n = len(data)
     first, last = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
-    for start in range(first, last, batch_size):
-        x, y = data.batch(torch.arange(start, min(start + batch_size, last)), device)
+    for x, y in data.evaluation_batches(first, last, batch_size, device):
         logits = model(x.contiguous(memory_format=memory_format(device)))
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         sums += torch.stack([F.cross_entropy(logits.double(), y, reduction="sum"),

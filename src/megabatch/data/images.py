@@ -1,4 +1,4 @@
-"""An in-memory image dataset and the batch-wise augmentation the trainer applies.
+"""An in-memory image dataset and the batch-wise augmentation it applies.
 
 Augmentation parameters are drawn for a whole global batch from a generator
 seeded by (seed, iteration), then sliced: every image gets the same flip and
@@ -9,9 +9,14 @@ makes emulated and real workers compute the same thing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from megabatch.batching import BatchPlan, epoch_order, step_generator
+
+AUGMENT_PAD = 2  # pixels of random translation
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,31 @@ class ImageTensors:
             x = augmentation.apply(x)
         x = x.sub_(self.mean).div_(self.std)
         return x, self.labels[index].to(device, non_blocking=True)
+
+    def training_steps(self, epoch: int, first_step: int, plan: BatchPlan, seed: int, augment: bool,
+                       device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """For every step of ``epoch`` from ``first_step``: this process's micro-batches, made
+        one at a time (memory stays bounded by the micro-batch)."""
+        order = epoch_order(seed, epoch, len(self))
+        steps = plan.steps_per_epoch(len(self))
+        for step in range(first_step, steps):
+            batch = order[step * plan.global_batch:(step + 1) * plan.global_batch]
+            augmentation = None
+            if augment:
+                generator = step_generator(seed, epoch * steps + step)
+                augmentation = Augmentation.draw(len(batch), AUGMENT_PAD, generator)[plan.local_slice()]
+            yield self._micro_batches(batch[plan.local_slice()], plan, device, augmentation)
+
+    def _micro_batches(self, share: torch.Tensor, plan: BatchPlan, device: torch.device,
+                       augmentation: Augmentation | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for part in plan.micro_slices():
+            yield self.batch(share[part], device, augmentation[part] if augmentation else None)
+
+    def evaluation_batches(self, first: int, last: int, batch_size: int,
+                           device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Images ``first`` to ``last`` (exclusive) in order, unaugmented."""
+        for start in range(first, last, batch_size):
+            yield self.batch(torch.arange(start, min(start + batch_size, last)), device)
 
     def subset(self, n: int) -> "ImageTensors":
         """The first ``n`` images (all of them for n <= 0 or n >= len)."""
