@@ -44,7 +44,8 @@ def test_schedule_every_and_plot(capsys, tmp_path):
     (["train", "--recipe", "fashion-mnist-demo", "--set", "batch.global_batch=2050"], "not divisible"),
     (["train", "--recipe", "fashion-mnist-demo", "--set", "batch.micro_batch=100"], "not a multiple"),
     (["train", "--recipe", "fashion-mnist-demo", "--data", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
-    (["train", "--recipe", "paper-resnet50-imagenet-32k", "--data", "/x"], "ImageNet input pipeline is not implemented"),
+    (["train", "--recipe", "paper-resnet50-imagenet-32k", "--data", "/x"], "ImageNet folder /x/train is missing"),
+    (["train", "--recipe", "paper-resnet50-imagenet-32k"], "an ImageNet recipe needs --data DIR"),
     (["eval", "--checkpoint", "/nonexistent.pt"], "does not exist"),
     (["schedule", "--recipe", "fashion-mnist-demo", "--epochs", "1,x"], "comma-separated numbers"),
 ])

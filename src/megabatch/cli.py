@@ -63,16 +63,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from megabatch import checkpoint
     from megabatch.data import load_datasets
     from megabatch.recipe import from_dict
-    from megabatch.run import build_model, resolve_device
+    from megabatch.run import build_model, memory_format, resolve_device
     from megabatch.train import evaluate
 
     state = checkpoint.load(args.checkpoint)
     recipe = from_dict(state["recipe"])
     device = resolve_device(args.device or recipe.train.device)
-    _, test = load_datasets(recipe.data, args.data)
+    _, test = load_datasets(recipe.data, args.data, device.type)
     model = build_model(recipe, test.channels, len(test.classes), device)
     model.load_state_dict(state["model"])
-    result = evaluate(model, test, device)
+    result = evaluate(model, test, device, batch_size=max(recipe.batch.micro_batch, 256),
+                      layout=memory_format(device, recipe.train.memory_format), precision=recipe.train.precision)
     print(f"{args.checkpoint}: {recipe.name} after {state['iteration']} steps: "
           f"top-1 {result['test_top1']:.2f}%  top-5 {result['test_top5']:.2f}%  "
           f"loss {result['test_loss']:.4f}  ({len(test)} test images)")

@@ -154,6 +154,7 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def accumulation(net: nn.Module, last: bool):
     """The context of one micro-batch's backward pass: DDP all-reduces only after the
     last micro-batch of a step (``no_sync`` before), so once per step."""
+    net = getattr(net, "_orig_mod", net)  # under torch.compile
     if isinstance(net, DistributedDataParallel) and not last:
         return net.no_sync()
     return contextlib.nullcontext()

@@ -44,10 +44,10 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "fashion-mnist"
     """"fashion-mnist" (real data, idx files), "synthetic" (random images, for smoke tests)
-    or "imagenet" (the ImageNet folder layout; its input pipeline is not implemented yet)."""
+    or "imagenet" (the folder layout train/<class>/*.JPEG, val/<class>/*.JPEG)."""
     path: str = ""
-    """Folder of the data; empty means the default (/usr/share/datasets/fashion-mnist).
-    The command line's --data DIR overrides it."""
+    """Folder of the data; empty means the default (Fashion-MNIST: /usr/share/datasets/fashion-mnist;
+    ImageNet has none). The command line's --data DIR overrides it."""
     augment: bool = False
     """Random horizontal flip and translation by up to 2 pixels of the training images."""
     train_subset: int = 0
@@ -56,6 +56,15 @@ class DataConfig:
     """Evaluate on the first N test images only (0 = all)."""
     synthetic_size: list[int] = field(default_factory=lambda: [4096, 1024, 28, 1, 10])
     """Synthetic data only: train images, test images, image size, channels, classes."""
+    image_size: int = 224
+    """ImageNet: side of the training crop and of the evaluation center crop."""
+    resize_size: int = 256
+    """ImageNet: evaluation images are resized to this shorter side before the center crop."""
+    decoder: str = "auto"
+    """ImageNet: "pil" (DataLoader workers decode on the CPU), "device" (workers read bytes, JPEGs
+    are decoded in batches on the training device: nvJPEG on a GPU) or "auto" (device on CUDA)."""
+    workers: int = 6
+    """ImageNet: DataLoader worker processes per training process (0 = in the main process)."""
 
 
 @dataclass
@@ -143,6 +152,12 @@ class TrainConfig:
     """Dtype of the gradient all-reduce: "fp32", "fp16" (the paper) or "bf16". Gradients are
     divided by the number of processes before the sum. A single process rounds its
     gradient through this dtype, as the all-reduce would."""
+    precision: str = "fp32"
+    """Compute precision: "fp32", "bf16" (autocast) or "fp16" (autocast with a gradient scaler)."""
+    memory_format: str = "auto"
+    """"channels_last", "contiguous" or "auto" (channels-last on CUDA, contiguous on CPU)."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
     checkpoint_every: int = 0
     """Also write a checkpoint every N optimizer steps (0 = only at epoch ends)."""
 
@@ -180,6 +195,9 @@ class Recipe:
             "schedule.unit": (self.schedule.unit, ("epoch", "step")),
             "train.device": (self.train.device, ("auto", "cpu", "cuda")),
             "train.comm_dtype": (self.train.comm_dtype, ("fp32", "fp16", "bf16")),
+            "train.precision": (self.train.precision, ("fp32", "bf16", "fp16")),
+            "train.memory_format": (self.train.memory_format, ("auto", "channels_last", "contiguous")),
+            "data.decoder": (self.data.decoder, ("auto", "pil", "device")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -45,6 +45,7 @@ class Run:
     out_dir: Path
     progress: Progress
     dist: DistInfo = field(default_factory=DistInfo)
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
     iteration: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     partial_epoch: dict[str, float] = field(default_factory=dict)  # sums of an unfinished epoch
@@ -68,10 +69,13 @@ def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
     return torch.device(name)
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """Channels-last where convolutions gain from it (CUDA); on CPU the contiguous
-    layout trains the small models faster (and keeps ghost BN's regrouping cheap)."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+def memory_format(device: torch.device, setting: str = "auto") -> torch.memory_format:
+    """``train.memory_format``; "auto" is channels-last where convolutions gain from it
+    (CUDA) and contiguous on CPU, where it trains the small models faster (and keeps
+    ghost BN's regrouping cheap)."""
+    if setting == "auto":
+        setting = "channels_last" if device.type == "cuda" else "contiguous"
+    return torch.channels_last if setting == "channels_last" else torch.contiguous_format
 
 
 def build_model(recipe: Recipe, in_channels: int, num_classes: int, device: torch.device) -> nn.Module:
@@ -80,7 +84,7 @@ def build_model(recipe: Recipe, in_channels: int, num_classes: int, device: torc
     model = models.create(recipe.model.arch, num_classes, in_channels, recipe.model.zero_init_residual)
     convert_to_ghost_bn(model, recipe.batch.per_worker_batch)
     set_bn_mode(model, recipe.model.bn)
-    return model.to(device=device, memory_format=memory_format(device))
+    return model.to(device=device, memory_format=memory_format(device, recipe.train.memory_format))
 
 
 def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
@@ -118,7 +122,7 @@ def start_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
     device = resolve_device(recipe.train.device, dist)
     plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch,
                             recipe.batch.micro_batch, dist.world_size, dist.rank)
-    train_data, test_data = load_datasets(recipe.data, data_dir)
+    train_data, test_data = load_datasets(recipe.data, data_dir, device.type, recipe.train.seed)
     model = build_model(recipe, train_data.channels, len(train_data.classes), device)
     optimizer = build_optimizer(recipe, model)
     steps = plan.steps_per_epoch(len(train_data))
@@ -126,8 +130,14 @@ def start_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
     run = Run(recipe, model, model, optimizer, train_data, test_data, plan, device, out_dir, progress, dist)
     if state is not None:
         restore(run, state)
+    if recipe.train.precision == "fp16":
+        run.scaler = torch.amp.GradScaler(device.type)
+        if state is not None and "scaler" in state:
+            run.scaler.load_state_dict(state["scaler"])
     # DDP broadcasts rank 0's parameters when it wraps: all ranks start equal.
     run.net = wrap_model(model, dist, recipe.train.comm_dtype)
+    if recipe.train.compile:
+        run.net = torch.compile(run.net)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.toml").write_text(to_toml(recipe))
@@ -173,6 +183,7 @@ def checkpoint_state(run: Run, epochs_done: int) -> dict[str, Any]:
         "recipe": to_dict(run.recipe),
         "rng": rng,
         "partial_epoch": dict(run.partial_epoch),
+        **({"scaler": run.scaler.state_dict()} if run.scaler else {}),
         "metrics": run.history[-1] if run.history else {},
     }
 
@@ -203,7 +214,8 @@ def describe(run: Run) -> str:
                      f"{e.alpha_center:.3g} period {e.alpha_period:.3g} epochs")
     lines.append(f"  optimizer {r.optimizer.name}, momentum {r.optimizer.momentum:g}, weight decay "
                  f"{r.optimizer.weight_decay:g}{' (not on BN/bias)' if r.optimizer.no_decay_bn_bias else ''}; "
-                 f"bn {r.model.bn}; model {r.model.arch}; gradients all-reduced in {r.train.comm_dtype}")
+                 f"bn {r.model.bn}; model {r.model.arch}; {r.train.precision} compute"
+                 f"{', compiled' if r.train.compile else ''}; gradients all-reduced in {r.train.comm_dtype}")
     lines.append(f"  {len(run.train_data)} training images, {steps} steps/epoch, {r.train.epochs} epochs "
                  f"= {total} steps; device {provenance.device_name(run.device)}")
     return "\n".join(lines)

@@ -44,14 +44,15 @@ def train_step(run: Run, micro_batches: Iterable[tuple[torch.Tensor, torch.Tenso
     the share; DDP then averages the shares.
     """
     total = torch.zeros((), device=run.device)
-    passes = run.plan.micro_batches
+    passes, layout = run.plan.micro_batches, memory_format(run.device, run.recipe.train.memory_format)
     with step_statistics(run.model):
         for i, (x, y) in enumerate(micro_batches):
             with accumulation(run.net, last=i == passes - 1):
-                logits = run.net(x.contiguous(memory_format=memory_format(run.device)))
-                loss = F.cross_entropy(logits, y, reduction="sum",
-                                       label_smoothing=run.recipe.train.label_smoothing) / run.plan.local_batch
-                loss.backward()
+                with autocast(run.device, run.recipe.train.precision):  # (autocast runs the loss in fp32)
+                    logits = run.net(x.contiguous(memory_format=layout))
+                    loss = F.cross_entropy(logits, y, reduction="sum",
+                                           label_smoothing=run.recipe.train.label_smoothing) / run.plan.local_batch
+                (run.scaler.scale(loss) if run.scaler else loss).backward()
             total += loss.detach()
     # Every process sees the same loss, so all of them stop together on a NaN.
     value = all_reduce_mean(total, run.dist).item()
@@ -59,9 +60,19 @@ def train_step(run: Run, micro_batches: Iterable[tuple[torch.Tensor, torch.Tenso
         return value  # the caller stops the run before the optimizer sees the gradient
     if not run.dist.distributed:
         round_gradients(run.model, run.recipe.train.comm_dtype)
-    run.optimizer.step()
+    if run.scaler:  # skips the step if the fp16 gradients overflowed, and adapts the scale
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return value
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast to bf16 or fp16 for ``precision``; a no-op for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -103,7 +114,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageTensors, device: torch.device, dist: DistInfo = DistInfo(),
-             batch_size: int = 1000) -> dict[str, float]:
+             batch_size: int = 1000, layout: torch.memory_format = torch.contiguous_format,
+             precision: str = "fp32") -> dict[str, float]:
     """Test loss, top-1 and top-5 accuracy (in percent) with the stored BN statistics.
 
     Each process takes a contiguous shard of the test set (no padding, no duplicate)
@@ -114,7 +126,8 @@ def evaluate(model: nn.Module, data: ImageTensors, device: torch.device, dist: D
     first, last = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
     for x, y in data.evaluation_batches(first, last, batch_size, device):
-        logits = model(x.contiguous(memory_format=memory_format(device)))
+        with autocast(device, precision):
+            logits = model(x.contiguous(memory_format=layout))
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         sums += torch.stack([F.cross_entropy(logits.double(), y, reduction="sum"),
                              hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
@@ -145,7 +158,9 @@ def fit(run: Run) -> dict[str, Any]:
         # Evaluation and checkpoints use the last step's BN statistics of all workers.
         average_bn_stats(run.model)
         if done or (epoch + 1) % r.train.eval_every == 0:
-            metrics.update(evaluate(run.model, run.test_data, run.device, run.dist))
+            metrics.update(evaluate(run.model, run.test_data, run.device, run.dist, run.plan.micro_batch,
+                                    memory_format(run.device, r.train.memory_format), r.train.precision))
+        report_unreadable(run, epoch, metrics)
         metrics.update(iteration=run.iteration, wall_time_s=time.perf_counter() - wall_start)
         run.history.append(metrics)
         log_epoch(run, metrics)
@@ -162,6 +177,17 @@ def fit(run: Run) -> dict[str, Any]:
 
         plot_curves(run.history, run.out_dir / "curves.png", title=r.name)
     return run.history[-1]
+
+
+def report_unreadable(run: Run, epoch: int, metrics: dict[str, Any]) -> None:
+    """Count (over all processes) and name the images a streaming source could not read."""
+    unreadable = [path for data in (run.train_data, run.test_data)
+                  for path in getattr(data, "take_unreadable", list)()]
+    count = int(all_reduce_sum(torch.tensor(float(len(unreadable)), device=run.device), run.dist))
+    if count:
+        metrics["unreadable_images"] = count
+        example = f" (e.g. {unreadable[0]})" if unreadable else ""
+        run.progress.info(f"epoch {epoch + 1}: {count} unreadable image(s) replaced by readable ones{example}")
 
 
 def log_epoch(run: Run, metrics: dict[str, Any]) -> None:

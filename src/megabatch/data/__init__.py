@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from megabatch.data import fashion_mnist, synthetic
+from megabatch.data import fashion_mnist, imagenet, synthetic
 from megabatch.data.images import ImageTensors
 from megabatch.errors import UserError
 
 
-def load_datasets(config, data_dir: str | None = None) -> tuple[ImageTensors, ImageTensors]:
-    """Training and test sets of a recipe's ``[data]`` table; ``data_dir`` (--data) wins over
-    ``config.path``."""
+def load_datasets(config, data_dir: str | None = None, device_type: str = "cpu", seed: int = 0):
+    """Training and test sources of a recipe's ``[data]`` table (``data_dir``, i.e. --data, wins
+    over ``config.path``): in-memory :class:`ImageTensors`, or an ImageNet folder streamed by
+    :class:`~megabatch.data.imagenet.ImageFolderSource`; both give the trainer micro-batches."""
     if config.dataset == "imagenet":
-        raise UserError("the ImageNet input pipeline is not implemented yet; to run an ImageNet "
-                        "recipe's model and optimization on random images now, add --set "
-                        "data.dataset=synthetic --set data.synthetic_size=[TRAIN,TEST,SIZE,3,1000] "
-                        "with TRAIN at least batch.global_batch")
+        root = data_dir or config.path
+        if not root:
+            raise UserError("an ImageNet recipe needs --data DIR: the folder with train/<class>/*.JPEG "
+                            "and val/<class>/*.JPEG")
+        decoder = config.decoder if config.decoder != "auto" else ("device" if device_type == "cuda" else "pil")
+        train, test = imagenet.load(root, config.image_size, config.resize_size, decoder, config.workers, seed)
+        return train.subset(config.train_subset), test.subset(config.test_subset)
     if config.dataset == "synthetic":
         train, test = synthetic.make(*config.synthetic_size)
     else:

@@ -1,0 +1,249 @@
+"""ImageNet in its folder layout: ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG``.
+
+Classes are the sorted folder names, as ``torchvision.datasets.ImageFolder`` has
+them. Training images get a random-resized crop and a horizontal flip,
+evaluation images a resize to ``resize_size`` and a center crop; both are
+normalized with the ImageNet mean and std on the training device.
+
+Two decoders sit behind one interface (:class:`ImageFolderSource`):
+
+* ``"pil"``: DataLoader workers decode and augment with PIL (any CPU);
+* ``"device"``: workers only read the file bytes; the main process decodes the
+  JPEGs of a micro-batch at once with ``torchvision.io.decode_jpeg`` on the
+  training device (nvJPEG on a CUDA GPU) and crops and resizes there.
+
+The random crop of each image is drawn from a generator seeded by (seed, epoch,
+the image's position in the epoch), so it does not depend on the number of
+processes, workers or the micro-batch. An image that cannot be read is counted,
+replaced by the next readable image of the data set, and reported after the
+epoch: never a crash hours into a run, never silently.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as TF
+
+from megabatch.batching import BatchPlan, epoch_order
+from megabatch.errors import UserError
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
+
+
+def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) of every image under ``folder/<class>/``, classes sorted by name."""
+    if not folder.is_dir():
+        raise UserError(f"ImageNet folder {folder} is missing: --data must hold train/<class>/ and "
+                        f"val/<class>/ folders of images")
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if not found:
+        raise UserError(f"{folder} has no class folders: expected {folder}/<class>/*.JPEG")
+    if classes is not None and found != classes:
+        extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+        raise UserError(f"the classes of {folder} do not match train/: {len(missing)} missing "
+                        f"(e.g. {missing[:3]}), {len(extra)} extra (e.g. {extra[:3]})")
+    samples = []
+    for label, name in enumerate(found):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in EXTENSIONS)
+        if not files:
+            raise UserError(f"class folder {folder / name} holds no images ({', '.join(EXTENSIONS)})")
+        samples += [(str(p), label) for p in files]
+    return samples, found
+
+
+def crop_box(height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """A random-resized-crop box (top, left, h, w): torchvision's algorithm, seeded."""
+    area = height * width
+    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    for _ in range(10):
+        target = area * (SCALE[0] + (SCALE[1] - SCALE[0]) * torch.rand(1, generator=generator).item())
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(1, generator=generator).item())
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the central crop of the allowed aspect
+    w, h = (width, round(width / RATIO[0])) if in_ratio < RATIO[0] else \
+        (round(height * RATIO[1]), height) if in_ratio > RATIO[1] else (width, height)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 10_000_019 + position) % (2**63))
+
+
+@dataclass(frozen=True)
+class Item:
+    """What the loader asks for: an image index, and the seed of its augmentation (-1: none)."""
+
+    index: int
+    epoch: int = -1
+    position: int = -1
+
+
+class FolderImages(Dataset):
+    """Reads (``"pil"``: and transforms) single images; unreadable ones are replaced."""
+
+    def __init__(self, samples: list[tuple[str, int]], decoder: str, image_size: int, resize_size: int,
+                 seed: int) -> None:
+        self.samples, self.decoder = samples, decoder
+        self.image_size, self.resize_size, self.seed = image_size, resize_size, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: Item) -> tuple[torch.Tensor, int, list[str], Item]:
+        bad = []
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(item.index + offset) % len(self.samples)]
+            try:
+                if self.decoder == "device":
+                    with open(path, "rb") as f:
+                        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), label, bad, item
+                return self.transform(path, item), label, bad, item
+            except (OSError, UnidentifiedImageError, ValueError, RuntimeError, SyntaxError):
+                bad.append(path)
+        raise UserError("no image of the data set can be read")
+
+    def transform(self, path: str, item: Item) -> torch.Tensor:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if item.epoch < 0:
+                image = TF.center_crop(TF.resize(image, self.resize_size), self.image_size)
+            else:
+                g = sample_generator(self.seed, item.epoch, item.position)
+                top, left, h, w = crop_box(image.height, image.width, g)
+                image = TF.resized_crop(image, top, left, h, w, [self.image_size] * 2)
+                if torch.rand(1, generator=g).item() < 0.5:
+                    image = TF.hflip(image)
+            return TF.pil_to_tensor(image)
+
+
+def collate(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, list[str], list[Item]]:
+    images, labels, bad, items = zip(*batch)
+    return list(images), torch.tensor(labels), [p for paths in bad for p in paths], list(items)
+
+
+class ImageFolderSource:
+    """An ImageNet split as a source of micro-batches for the trainer."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], image_size: int = 224,
+                 resize_size: int = 256, decoder: str = "pil", workers: int = 4, seed: int = 0) -> None:
+        self.samples, self.classes = samples, tuple(classes)
+        self.image_size, self.resize_size, self.decoder, self.workers = image_size, resize_size, decoder, workers
+        self.images = FolderImages(samples, decoder, image_size, resize_size, seed)
+        self.seed = seed
+        self.unreadable: list[str] = []  # since the last report
+        self.channels = 3
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _loader(self, items) -> DataLoader:
+        return DataLoader(self.images, batch_sampler=items, num_workers=self.workers, collate_fn=collate,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                          prefetch_factor=4 if self.workers else None)
+
+    def _to_device(self, images: list[torch.Tensor], labels: torch.Tensor, bad: list[str],
+                   items: list[Item], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        self.unreadable += bad
+        if self.decoder == "device":
+            x = torch.stack([self._decode_on_device(data, item, device) for data, item in
+                             zip(self._decode_all(images, items, device), items)])
+        else:
+            x = torch.stack(images).to(device, non_blocking=True)
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        return (x.to(torch.get_default_dtype()) / 255.0 - mean) / std, labels.to(device, non_blocking=True)
+
+    def _decode_all(self, data: list[torch.Tensor], items: list[Item], device: torch.device) -> list[torch.Tensor]:
+        """Decode a micro-batch at once; if that fails, image by image, replacing any
+        unreadable one by a readable image of the same micro-batch (and counting it)."""
+        rgb = torchvision.io.ImageReadMode.RGB
+        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; decode_jpeg still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                return torchvision.io.decode_jpeg(data, mode=rgb, device=device)
+            except RuntimeError:  # a PNG, a CMYK JPEG or a damaged file in the batch
+                pass
+            decoded: list[torch.Tensor | None] = []
+            for d, item in zip(data, items):
+                try:
+                    decoded.append(torchvision.io.decode_image(d, mode=rgb).to(device))
+                except RuntimeError:
+                    self.unreadable.append(self.samples[item.index][0])
+                    decoded.append(None)
+        good = [d for d in decoded if d is not None]
+        if not good:
+            raise UserError(f"no image of a micro-batch could be decoded (e.g. {self.samples[items[0].index][0]})")
+        return [d if d is not None else good[0] for d in decoded]
+
+    def _decode_on_device(self, image: torch.Tensor, item: Item, device: torch.device) -> torch.Tensor:
+        if item.epoch < 0:
+            return TF.center_crop(TF.resize(image, self.resize_size, antialias=True), [self.image_size] * 2)
+        g = sample_generator(self.seed, item.epoch, item.position)
+        top, left, h, w = crop_box(image.shape[-2], image.shape[-1], g)
+        crop = F.interpolate(image[None, :, top:top + h, left:left + w].float(), size=[self.image_size] * 2,
+                             mode="bilinear", antialias=True, align_corners=False)[0]
+        crop = crop.round_().clamp_(0, 255).to(torch.uint8)
+        return crop.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else crop
+
+    def training_steps(self, epoch: int, first_step: int, plan: BatchPlan, seed: int, augment: bool,
+                       device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        order = epoch_order(seed, epoch, len(self)).tolist()
+        steps = plan.steps_per_epoch(len(self))
+        share = plan.local_slice()
+
+        def micro_batches():  # the items of every micro-batch of this process, in order
+            for step in range(first_step, steps):
+                start = step * plan.global_batch + share.start
+                for part in plan.micro_slices():
+                    yield [Item(order[p], epoch if augment else -1, p)
+                           for p in range(start + part.start, start + part.stop)]
+
+        loader = iter(self._loader(micro_batches()))
+        for _ in range(first_step, steps):
+            yield (self._to_device(*next(loader), device) for _ in range(plan.micro_batches))
+
+    def evaluation_batches(self, first: int, last: int, batch_size: int,
+                           device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        items = [[Item(i) for i in range(s, min(s + batch_size, last))] for s in range(first, last, batch_size)]
+        for batch in self._loader(items):
+            yield self._to_device(*batch, device)
+
+    def take_unreadable(self) -> list[str]:
+        """The unreadable files met since the last call (each replaced by a readable one)."""
+        bad, self.unreadable = self.unreadable, []
+        return bad
+
+    def subset(self, n: int) -> "ImageFolderSource":
+        if n <= 0 or n >= len(self):
+            return self
+        step = len(self) / n  # spread over the classes (the files are sorted by class)
+        samples = [self.samples[int(i * step)] for i in range(n)]
+        return ImageFolderSource(samples, list(self.classes), self.image_size, self.resize_size,
+                                 self.decoder, self.workers, self.seed)
+
+
+def load(root: str | Path, image_size: int = 224, resize_size: int = 256, decoder: str = "pil",
+         workers: int = 4, seed: int = 0) -> tuple[ImageFolderSource, ImageFolderSource]:
+    """Training and validation sources of an ImageNet-layout folder."""
+    root = Path(root)
+    train, classes = scan_split(root / "train")
+    val, _ = scan_split(root / "val", classes)
+    return (ImageFolderSource(train, classes, image_size, resize_size, decoder, workers, seed),
+            ImageFolderSource(val, classes, image_size, resize_size, decoder, workers, seed))

@@ -1,0 +1,109 @@
+"""The ImageNet folder source: layout checks, both decoders, deterministic augmentation,
+unreadable images, and ResNet-50 end to end on a tiny ImageNet of real JPEGs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from megabatch import checkpoint
+from megabatch.batching import BatchPlan
+from megabatch.cli import main
+from megabatch.data import imagenet, tiny_imagenet
+from megabatch.errors import UserError
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, fashion_dir):
+    return tiny_imagenet.write(tmp_path_factory.mktemp("in") / "tiny", classes=4, train_per_class=16,
+                               val_per_class=4, size=48)
+
+
+def steps_of(source, plan, epoch=0, augment=True):
+    return [[(x.clone(), y.clone()) for x, y in step]
+            for step in source.training_steps(epoch, 0, plan, 0, augment, torch.device("cpu"))]
+
+
+def test_classes_are_sorted_like_torchvision_imagefolder(tiny):
+    train, val = imagenet.load(tiny, SIZE, 40, workers=0)
+    reference = torchvision.datasets.ImageFolder(tiny / "train")
+    assert list(train.classes) == reference.classes
+    assert [(p, l) for p, l in train.samples] == [(p, l) for p, l in reference.samples]
+    assert (len(train), len(val)) == (64, 16)
+
+
+def test_layout_errors(tiny, tmp_path):
+    with pytest.raises(UserError, match="train is missing"):
+        imagenet.load(tmp_path)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no images"):
+        imagenet.load(tmp_path)
+    with pytest.raises(UserError, match="do not match train"):
+        imagenet.scan_split(tiny / "val", ["n00000000", "zzz"])
+
+
+@pytest.mark.parametrize("decoder", ["pil", "device"])
+def test_training_batches_have_the_right_shape_and_normalization(tiny, decoder):
+    train, _ = imagenet.load(tiny, SIZE, 40, decoder=decoder, workers=0)
+    steps = steps_of(train, BatchPlan.create(32, 8, 16))
+    assert len(steps) == 2 and len(steps[0]) == 2
+    x, y = steps[0][0]
+    assert x.shape == (16, 3, SIZE, SIZE) and x.dtype == torch.float32 and y.shape == (16,)
+    assert -2.2 < x.min() < x.max() < 2.7  # ImageNet mean/std normalization of [0, 1] pixels
+
+
+def test_augmentation_does_not_depend_on_processes_workers_or_micro_batch(tiny):
+    one, _ = imagenet.load(tiny, SIZE, 40, workers=0)
+    two_workers, _ = imagenet.load(tiny, SIZE, 40, workers=2)
+    whole = torch.cat([x for step in steps_of(one, BatchPlan.create(32, 8, 8)) for x, _ in step])
+    assert torch.equal(whole, torch.cat([x for step in steps_of(two_workers, BatchPlan.create(32, 8, 32))
+                                         for x, _ in step]))
+    shares = [steps_of(one, BatchPlan.create(32, 8, 8, processes=2, rank=r)) for r in (0, 1)]
+    per_step = [torch.cat([x for x, _ in shares[0][s]] + [x for x, _ in shares[1][s]]) for s in range(2)]
+    assert torch.equal(whole, torch.cat(per_step))
+    assert not torch.equal(whole, torch.cat([x for step in steps_of(one, BatchPlan.create(32, 8, 8), epoch=1)
+                                             for x, _ in step]))
+
+
+def test_crop_boxes_stay_inside_and_follow_the_scale_and_ratio():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = imagenet.crop_box(60, 80, g)
+        assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 80
+        assert 0.08 * 4800 * 0.9 <= h * w <= 4800
+    assert imagenet.crop_box(10, 1000, g)[2:] == (10, 13)  # fallback: widest allowed aspect
+
+
+@pytest.mark.parametrize("decoder", ["pil", "device"])
+def test_unreadable_image_is_replaced_counted_and_named(tiny, tmp_path, decoder):
+    import shutil
+
+    copy = shutil.copytree(tiny, tmp_path / "copy")
+    bad = sorted((copy / "train" / "n00000001").iterdir())[0]
+    bad.write_bytes(b"\xff\xd8 this is not a JPEG")
+    train, _ = imagenet.load(copy, SIZE, 40, decoder=decoder, workers=0)
+    steps = steps_of(train, BatchPlan.create(64, 8, 32))
+    assert sum(len(x) for step in steps for x, _ in step) == 64
+    assert train.take_unreadable() == [str(bad)] and train.take_unreadable() == []
+
+
+def test_resnet50_end_to_end_on_tiny_imagenet(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "paper-resnet50-imagenet-32k", "--data", str(tiny), "--out", str(out),
+                 "--set", f"data.image_size={SIZE}", "--set", "data.resize_size=40", "--set", "data.workers=2",
+                 "--set", "batch.global_batch=32", "--set", "batch.per_worker_batch=16",
+                 "--set", "train.max_steps=2", "--set", "train.epochs=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "64 training images, 2 steps/epoch" in printed
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["iteration"] == 2 and 0.0 <= metrics["test_top1"] <= 100.0
+    state = checkpoint.load(out / "final.pt")
+    model = torchvision.models.resnet50(num_classes=4)
+    model.load_state_dict(state["model"], strict=True)
+    assert main(["eval", "--checkpoint", str(out / "final.pt"), "--data", str(tiny)]) == 0
+    assert f"top-1 {metrics['test_top1']:.2f}%" in capsys.readouterr().out
