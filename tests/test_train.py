@@ -14,7 +14,7 @@ from megabatch.batching import epoch_order
 from megabatch.cli import main
 from megabatch.nn import batch_norm_layers
 from megabatch.progress import Progress
-from megabatch.run import build_optimizer, start_run
+from megabatch.run import build_optimizer, checkpoint_state, start_run
 from megabatch.train import set_hyperparameters, train_one_epoch
 from megabatch.schedules import recipe_values
 
@@ -163,3 +163,29 @@ def test_paper_recipe_with_resnet50_checkpoint_loads_into_torchvision(tmp_path, 
     state = checkpoint.load(out / "final.pt")
     assert state["iteration"] == 1
     torchvision.models.resnet50().load_state_dict(state["model"], strict=True)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_checkpoints_its_scaler(tmp_path, fashion_dir, precision):
+    run = quiet_run(tmp_path, ["batch.global_batch=256", "train.max_steps=3", f"train.precision={precision}"])
+    before = state_of(run.model)
+    metrics = train_one_epoch(run, 0)
+    assert run.iteration == 3 and metrics["train_loss"] < 2.5
+    assert not torch.equal(before["0.weight"], run.model.state_dict()["0.weight"])
+    assert run.model.state_dict()["0.weight"].dtype == torch.float32  # master weights stay fp32
+    state = checkpoint_state(run, 0)
+    assert ("scaler" in state) == (precision == "fp16")
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0
+
+
+def test_compiled_model_gives_the_eager_result(tmp_path, fashion_dir):
+    results = []
+    for compiled in (False, True):
+        # SGD: RMSprop's g / sqrt(m) would magnify float32 rounding of near-zero gradients
+        run = quiet_run(tmp_path / str(compiled), ["batch.global_batch=128", "train.max_steps=2", "optimizer.name=sgd",
+                                                   f"train.compile={str(compiled).lower()}"])
+        train_one_epoch(run, 0)
+        results.append(state_of(run.model))
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
