@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from megabatch import __version__
+from megabatch.bench import configure_parser as configure_bench
 from megabatch.errors import UserError
 from megabatch.simulate.command import configure_parser as configure_simulate
 
@@ -176,6 +177,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from megabatch.bench import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megabatch", description="Extremely large minibatch training (Akiba et al. 2017).")
@@ -227,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="predict time and scaling efficiency on a cluster")
     configure_simulate(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("bench", help="measure training and input-pipeline images/s of ResNet-50 here")
+    configure_bench(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
