@@ -84,7 +84,9 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         # The same rule as nn.BatchNorm2d: momentum=None is a cumulative average.
         self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # A tensor weight keeps torch.compile from breaking the graph on the counter's value.
+        factor = (1.0 / self.num_batches_tracked.to(self.running_mean.dtype) if self.momentum is None
+                  else self.momentum)
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(var.to(self.running_var.dtype), factor)
 
