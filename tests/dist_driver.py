@@ -16,10 +16,10 @@ delay_after = int(os.environ.get("MEGABATCH_TEST_SLOW_AFTER", "-1"))
 if delay_after >= 0:
     original = megabatch.train.train_step
 
-    def slow_step(run, index, augmentation):
+    def slow_step(run, micro_batches):
         if run.iteration >= delay_after:
             time.sleep(0.5)
-        return original(run, index, augmentation)
+        return original(run, micro_batches)
 
     megabatch.train.train_step = slow_step
 
