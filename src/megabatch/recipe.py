@@ -64,7 +64,8 @@ class DataConfig:
     """ImageNet: "pil" (DataLoader workers decode on the CPU), "device" (workers read bytes, JPEGs
     are decoded in batches on the training device: nvJPEG on a GPU) or "auto" (device on CUDA)."""
     workers: int = 6
-    """ImageNet: DataLoader worker processes per training process (0 = in the main process)."""
+    """ImageNet: DataLoader worker processes per training process, at most the CPU count
+    (0 = in the main process)."""
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from megabatch.data import fashion_mnist, imagenet, synthetic
 from megabatch.data.images import ImageTensors
 from megabatch.errors import UserError
@@ -17,7 +19,8 @@ def load_datasets(config, data_dir: str | None = None, device_type: str = "cpu",
             raise UserError("an ImageNet recipe needs --data DIR: the folder with train/<class>/*.JPEG "
                             "and val/<class>/*.JPEG")
         decoder = config.decoder if config.decoder != "auto" else ("device" if device_type == "cuda" else "pil")
-        train, test = imagenet.load(root, config.image_size, config.resize_size, decoder, config.workers, seed)
+        workers = min(config.workers, os.cpu_count() or 1)  # more than the cores only slows down
+        train, test = imagenet.load(root, config.image_size, config.resize_size, decoder, workers, seed)
         return train.subset(config.train_subset), test.subset(config.test_subset)
     if config.dataset == "synthetic":
         train, test = synthetic.make(*config.synthetic_size)
