@@ -3,7 +3,6 @@ warm-up, a hand-written reference in between, and the optimizer contract."""
 
 import copy
 import io
-import math
 
 import pytest
 import torch
@@ -11,38 +10,12 @@ from torch import nn
 
 import megabatch.optim.rmsprop_warmup as rmsprop_warmup
 from megabatch.optim import RMSpropWarmup
+from problems import (FOREACH, DTYPES, make_mlp, make_data, train_step,
+                      varying_lr, assert_params_equal)
 
-FOREACH = [pytest.param(False, id="per_tensor"), pytest.param(True, id="foreach")]
 # (rtol, atol) per dtype: float64 keeps the parity checks tight. Parameters are
 # O(0.1..1); RMSprop's g / sqrt(m) amplifies float32 rounding where g is near 0.
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-5)}
-DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
-
-
-def make_mlp(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-
-
-def make_data(dtype=torch.float64, seed=1, n=16):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randn(n, 3, generator=g, dtype=dtype)
-
-
-def train_step(model, optimizer, data, **group_values):
-    """Set the given values on every group, then one forward/backward/step."""
-    for group in optimizer.param_groups:
-        group.update(group_values)
-    x, y = data
-    optimizer.zero_grad()
-    loss = nn.functional.mse_loss(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
-def varying_lr(t):
-    return 0.05 * (1.0 + 0.5 * math.sin(0.7 * t))
 
 
 def varying_alpha(t, steps):
@@ -52,11 +25,6 @@ def varying_alpha(t, steps):
 def assert_params_close(model_a, model_b, rtol, atol):
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-
-
-def assert_params_equal(model_a, model_b):
-    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
-        assert torch.equal(a, b), f"{name}: max diff {(a - b).abs().max().item():.3g}"
 
 
 @pytest.mark.parametrize("foreach", FOREACH)
