@@ -1,11 +1,16 @@
-"""The multi-tensor helpers: device/dtype buckets and the default choice."""
+"""The multi-tensor helpers shared by the optimizers: device/dtype buckets and the
+choice of update path. (Each optimizer's own tests compare the two paths, mixed
+dtypes included.)"""
 
 import pytest
 import torch
 from torch import nn
 
+import megabatch.optim.lars as lars
+import megabatch.optim.rmsprop_warmup as rmsprop_warmup
 from megabatch.optim import LARS, RMSpropWarmup
 from megabatch.optim.foreach import by_device_and_dtype, use_foreach
+from problems import make_data, make_mlp, train_step
 
 
 def test_buckets_split_by_dtype_and_keep_order():
@@ -21,20 +26,26 @@ def test_default_is_foreach_only_on_cuda():
     assert use_foreach(True, [torch.zeros(1)]) is True
 
 
-@pytest.mark.parametrize("make", [lambda ps: RMSpropWarmup(ps, lr=0.1, alpha_sgd=0.3, foreach=True),
-                                  lambda ps: LARS(ps, lr=0.1, foreach=True)])
-def test_mixed_dtypes_through_the_foreach_path_match_per_tensor(make):
-    torch.manual_seed(0)
-    ps = [nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4, dtype=torch.float64))]
-    ref = [nn.Parameter(p.detach().clone()) for p in ps]
-    opt, ref_opt = make(ps), make(ref)
-    for group in ref_opt.param_groups:
-        group["foreach"] = False
-    for _ in range(3):
-        for p, q in zip(ps, ref):
-            p.grad = torch.ones_like(p) * p.detach().sum()
-            q.grad = torch.ones_like(q) * q.detach().sum()
-        opt.step()
-        ref_opt.step()
-    for p, q in zip(ps, ref):
-        assert p.dtype == q.dtype and torch.equal(p, q)
+@pytest.mark.parametrize("module, optimizer", [(lars, LARS), (rmsprop_warmup, RMSpropWarmup)],
+                         ids=["lars", "rmsprop_warmup"])
+def test_foreach_selects_the_update_path(monkeypatch, module, optimizer):
+    calls = []
+
+    def spy(name):
+        original = getattr(module, name)
+
+        def record(*args, **kwargs):
+            calls.append(name)
+            original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, record)
+
+    spy("_single_tensor_update")
+    spy("_multi_tensor_update")
+    for foreach, expected in [(None, "_single_tensor_update"),  # all parameters on the CPU
+                              (False, "_single_tensor_update"),
+                              (True, "_multi_tensor_update")]:
+        calls.clear()
+        model = make_mlp()
+        train_step(model, optimizer(model.parameters(), lr=0.1, foreach=foreach), make_data())
+        assert calls == [expected]

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-import megabatch.optim.lars as lars
 from megabatch.optim import LARS, param_groups
 from problems import (FOREACH, DTYPES, make_mlp, make_data, train_step,
                       varying_lr, max_diff, assert_params_equal)
@@ -227,29 +226,6 @@ def test_foreach_matches_per_tensor():
         assert torch.equal(a, b), f"max diff {max_diff(a, b):.3g}"
         assert torch.equal(opt_a.state[a]["momentum_buffer"], opt_b.state[b]["momentum_buffer"])
     assert params_a[0].dtype == torch.float64 and params_a[1].dtype == torch.float32
-
-
-def test_foreach_selects_the_update_path(monkeypatch):
-    calls = []
-
-    def spy(name):
-        original = getattr(lars, name)
-
-        def record(*args, **kwargs):
-            calls.append(name)
-            original(*args, **kwargs)
-
-        monkeypatch.setattr(lars, name, record)
-
-    spy("_single_tensor_update")
-    spy("_multi_tensor_update")
-    for foreach, expected in [(None, "_single_tensor_update"),  # all parameters on the CPU
-                              (False, "_single_tensor_update"),
-                              (True, "_multi_tensor_update")]:
-        calls.clear()
-        model = make_mlp()
-        train_step(model, LARS(model.parameters(), lr=0.1, foreach=foreach), make_data())
-        assert calls == [expected]
 
 
 @pytest.mark.parametrize("foreach", FOREACH)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import megabatch.optim.rmsprop_warmup as rmsprop_warmup
 from megabatch.optim import RMSpropWarmup
 from problems import (FOREACH, DTYPES, make_mlp, make_data, train_step,
                       varying_lr, assert_params_equal)
@@ -171,29 +170,6 @@ def test_foreach_matches_per_tensor():
         for key in ("square_avg", "delta"):
             assert torch.equal(opt_a.state[a][key], opt_b.state[b][key])
     assert params_a[0].dtype == torch.float64 and params_a[1].dtype == torch.float32
-
-
-def test_foreach_selects_the_update_path(monkeypatch):
-    calls = []
-
-    def spy(name):
-        original = getattr(rmsprop_warmup, name)
-
-        def record(*args, **kwargs):
-            calls.append(name)
-            original(*args, **kwargs)
-
-        monkeypatch.setattr(rmsprop_warmup, name, record)
-
-    spy("_single_tensor_update")
-    spy("_multi_tensor_update")
-    for foreach, expected in [(None, "_single_tensor_update"),  # all parameters on the CPU
-                              (False, "_single_tensor_update"),
-                              (True, "_multi_tensor_update")]:
-        calls.clear()
-        model = make_mlp()
-        train_step(model, RMSpropWarmup(model.parameters(), lr=0.1, foreach=foreach), make_data())
-        assert calls == [expected]
 
 
 def schedule(t):
