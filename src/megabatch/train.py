@@ -180,9 +180,8 @@ def fit(run: Run) -> dict[str, Any]:
 
 
 def report_unreadable(run: Run, epoch: int, metrics: dict[str, Any]) -> None:
-    """Count (over all processes) and name the images a streaming source could not read."""
-    unreadable = [path for data in (run.train_data, run.test_data)
-                  for path in getattr(data, "take_unreadable", list)()]
+    """Count (over all processes) and name the images the data sources could not read."""
+    unreadable = run.train_data.take_unreadable() + run.test_data.take_unreadable()
     count = int(all_reduce_sum(torch.tensor(float(len(unreadable)), device=run.device), run.dist))
     if count:
         metrics["unreadable_images"] = count

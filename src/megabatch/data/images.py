@@ -105,6 +105,10 @@ class ImageTensors:
         for start in range(first, last, batch_size):
             yield self.batch(torch.arange(start, min(start + batch_size, last)), device)
 
+    def take_unreadable(self) -> list[str]:
+        """Files that could not be read since the last call: none, everything is in memory."""
+        return []
+
     def subset(self, n: int) -> "ImageTensors":
         """The first ``n`` images (all of them for n <= 0 or n >= len)."""
         if n <= 0 or n >= len(self):
