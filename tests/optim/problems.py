@@ -36,6 +36,11 @@ def varying_lr(t):
     return 0.05 * (1.0 + 0.5 * math.sin(0.7 * t))
 
 
+def varying_alpha(t, steps):
+    """RMSprop warm-up's alpha_sgd going 0 -> 1, then staying 1 for the last 10 steps."""
+    return min(1.0, t / (steps - 10))
+
+
 def max_diff(a, b):
     return (a.detach() - b.detach()).abs().max().item()
 
