@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megabatch import bench
+from megabatch import bench, bench_report
 from megabatch.cli import main
 
 
@@ -73,6 +73,33 @@ def test_quick_run_writes_one_json_with_every_measurement(quick):
     assert positive(result["mfu"]["matmul_flops"]["fp32"]) and positive(result["mfu"]["best_train_step"]["mfu"])
 
 
+def test_quick_run_says_where_the_time_goes(quick):
+    path, printed = quick
+    result = json.loads(path.read_text())
+    summary = result["where_the_time_goes"]
+    fastest = max(result["train_step"][:-1], key=lambda entry: entry["images_per_s"])
+    assert summary["train_step_images_per_s"] == fastest["images_per_s"]
+    assert summary["input_pipeline_images_per_s"] == max(e["images_per_s"] for e in result["input_pipeline"])
+    assert summary["end_to_end_images_per_s"] == result["end_to_end"]["images_per_s"]
+    assert "where the time goes (ms per 1,000 images)" in printed and "end to end" in printed
+
+
+def test_where_the_time_goes_by_hand():
+    # Train step 2,000 images/s (0.5 ms each), baseline 1,000, input 1,500, end to end 1,250.
+    summary = bench_report.where_the_time_goes(2000.0, 1000.0, 1500.0, 1250.0)
+    assert summary["ratio_to_baseline"] == 2.0 and summary["input_over_train_step"] == 0.75
+    assert summary["input_keeps_up"] is False and summary["end_to_end_over_train_step"] == 0.625
+    assert summary["ms_per_1000_images"] == {"train_step": 500.0, "input_pipeline": pytest.approx(666.667, abs=1e-3),
+                                             "end_to_end": 800.0}
+    lines = bench_report.time_lines(summary, "megabatch bf16", "pil decode on CPU, 8 workers")
+    assert "2.00x the baseline" in lines[1]
+    assert lines[2].endswith("pil decode on CPU, 8 workers: is the limit: it feeds 75% of what the train step takes")
+    assert lines[3].endswith("62% of the train step's images/s")
+    fed = bench_report.where_the_time_goes(2000.0, 1000.0, 3000.0, 1900.0)
+    assert fed["input_keeps_up"] is True
+    assert "keeps up (1.50x the train step)" in bench_report.time_lines(fed, "a", "b")[2]
+
+
 def test_quick_run_prints_the_table(quick):
     path, printed = quick
     for column in ("measurement", "images/s", "spread (min-max)", "vs baseline", "MFU"):
@@ -91,10 +118,10 @@ def test_simulate_reads_the_result(quick, capsys):
 
 
 def test_a_second_result_of_the_day_does_not_overwrite_the_first(tmp_path):
-    first = bench.output_path(tmp_path, "NVIDIA H100 80GB HBM3")
+    first = bench_report.output_path(tmp_path, "NVIDIA H100 80GB HBM3")
     assert re.fullmatch(r"nvidia-h100-80gb-hbm3-\d{4}-\d{2}-\d{2}\.json", first.name)
     first.write_text("{}")
-    assert bench.output_path(tmp_path, "NVIDIA H100 80GB HBM3").name == first.stem + "-2.json"
+    assert bench_report.output_path(tmp_path, "NVIDIA H100 80GB HBM3").name == first.stem + "-2.json"
 
 
 @pytest.mark.parametrize("flags, message", [

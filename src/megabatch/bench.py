@@ -11,7 +11,9 @@ One process measures:
 * what emulated workers' BN costs at full batch: groups of 32 against one group;
 * the input pipeline on a folder of real JPEGs (:mod:`megabatch.bench_input`);
 * end to end from that folder with the fastest setting, peak memory, and the model FLOP
-  utilization against the measured throughput of a large matmul in the same precision.
+  utilization against the measured throughput of a large matmul in the same precision;
+* where the time goes: whether the input pipeline keeps up with the fastest step, and
+  what end to end keeps of the step's speed (:mod:`megabatch.bench_report`).
 
 Warm-up steps are not timed; then ``repeats`` timings of ``steps`` steps each give the
 median images/s and the min-max spread. The JSON result, with its provenance, is what
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import resource
 import statistics
 import sys
@@ -34,13 +35,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from megabatch.bench_report import COLUMNS, output_path, row, time_lines, where_the_time_goes
 from megabatch.errors import UserError
 
 RECIPE = "paper-resnet50-imagenet-32k"
 BASELINE = "baseline torchvision fp32 NCHW eager SGD"
 FLOP_PER_IMAGE_224 = 24.5e9  # ResNet-50: 4.1 GMAC forward = 8.2 GFLOP, backward twice that
 GHOST_GROUP = 32  # the paper's images per worker
-COLUMNS = f"{'measurement':<58} {'images/s':>10} {'spread (min-max)':>19} {'vs baseline':>11} {'MFU':>6}"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -268,22 +269,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def row(name: str, m: dict, baseline: float | None = None, mfu: float | None = None) -> str:
-    lo, hi = m["spread"]
-    ratio = f"{m['images_per_s'] / baseline:.2f}x" if baseline else ""
-    return (f"  {name:<56} {m['images_per_s']:>10,.1f} {f'{lo:,.1f}-{hi:,.1f}':>19} {ratio:>11} "
-            f"{f'{100 * mfu:.1f}%' if mfu is not None else '':>6}")
-
-
-def output_path(out: Path, device: str) -> Path:
-    """``out/<device slug>-<date>.json``; a second result of the same day gets -2, -3, ..."""
-    stem = f"{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}-{time.strftime('%Y-%m-%d')}"
-    path, n = out / f"{stem}.json", 2
-    while path.exists():
-        path, n = out / f"{stem}-{n}.json", n + 1
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table as it goes, write the JSON result; 0 on success."""
     import torch
@@ -363,6 +348,9 @@ def run(args: argparse.Namespace) -> int:
         print(row(best.name, e2e, base["images_per_s"], mfu(e2e, best.precision)))
         print(f"  peak memory {e2e['peak_memory_bytes'] / 2 ** 30:.2f} GiB "
               f"({'torch.cuda.max_memory_allocated' if s.device != 'cpu' else 'peak RSS of the process'})")
+        summary = where_the_time_goes(best_m["images_per_s"], base["images_per_s"],
+                                      max(m["images_per_s"] for _, m in readings), e2e["images_per_s"])
+        print("\n" + "\n".join(time_lines(summary, best.name, reading.name(device))))
 
     def train_entry(name: str, m: dict, precision: str, extra: dict) -> dict:
         return {"name": name, "images_per_s": m["images_per_s"], "spread": m["spread"], "batch_size": s.batch,
@@ -389,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
                        "peak_memory_bytes": e2e["peak_memory_bytes"],
                        "peak_memory_is": "torch.cuda.max_memory_allocated" if s.device != "cpu"
                        else "peak RSS of the whole process (resource.getrusage)", "mfu": mfu(e2e, best.precision)},
+        "where_the_time_goes": summary,
         "mfu": {"flop_per_image": flop_per_image(s), "matmul_flops": peak, "matmul_size": matmul_size(s),
                 "best_train_step": {"name": best.name, "mfu": mfu(best_m, best.precision)},
                 "end_to_end": mfu(e2e, best.precision)},

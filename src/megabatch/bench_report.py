@@ -1,0 +1,57 @@
+"""How ``megabatch bench`` shows what it measured: the table's rows, where the time goes,
+and the result file's name. Pure functions of the measurements."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+COLUMNS = f"{'measurement':<58} {'images/s':>10} {'spread (min-max)':>19} {'vs baseline':>11} {'MFU':>6}"
+
+
+def row(name: str, m: dict, baseline: float | None = None, mfu: float | None = None) -> str:
+    """One line of the table: median images/s, min-max, ratio to the baseline, MFU."""
+    lo, hi = m["spread"]
+    ratio = f"{m['images_per_s'] / baseline:.2f}x" if baseline else ""
+    return (f"  {name:<56} {m['images_per_s']:>10,.1f} {f'{lo:,.1f}-{hi:,.1f}':>19} {ratio:>11} "
+            f"{f'{100 * mfu:.1f}%' if mfu is not None else '':>6}")
+
+
+def where_the_time_goes(train_step: float, baseline: float, input_pipeline: float, end_to_end: float) -> dict:
+    """Compare the fastest train step, the fastest input pipeline and the end-to-end run
+    (each in images/s): does the input keep up, and what does training from files cost?"""
+    return {
+        "train_step_images_per_s": train_step,
+        "ratio_to_baseline": train_step / baseline,
+        "input_pipeline_images_per_s": input_pipeline,
+        "input_over_train_step": input_pipeline / train_step,
+        "input_keeps_up": input_pipeline >= train_step,
+        "end_to_end_images_per_s": end_to_end,
+        "end_to_end_over_train_step": end_to_end / train_step,
+        "ms_per_1000_images": {"train_step": 1e6 / train_step, "input_pipeline": 1e6 / input_pipeline,
+                               "end_to_end": 1e6 / end_to_end},
+    }
+
+
+def time_lines(summary: dict, train_name: str, input_name: str) -> list[str]:
+    """The printed form of :func:`where_the_time_goes`."""
+    ms = summary["ms_per_1000_images"]
+    share = summary["input_over_train_step"]
+    verdict = (f"keeps up ({share:.2f}x the train step)" if summary["input_keeps_up"]
+               else f"is the limit: it feeds {100 * share:.0f}% of what the train step takes")
+    return ["where the time goes (ms per 1,000 images)",
+            f"  train step alone    {ms['train_step']:>9,.1f}  {train_name}, "
+            f"{summary['ratio_to_baseline']:.2f}x the baseline",
+            f"  input alone         {ms['input_pipeline']:>9,.1f}  {input_name}: {verdict}",
+            f"  end to end          {ms['end_to_end']:>9,.1f}  "
+            f"{100 * summary['end_to_end_over_train_step']:.0f}% of the train step's images/s"]
+
+
+def output_path(out: Path, device: str) -> Path:
+    """``out/<device slug>-<date>.json``; a second result of the same day gets -2, -3, ..."""
+    stem = f"{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}-{time.strftime('%Y-%m-%d')}"
+    path, n = out / f"{stem}.json", 2
+    while path.exists():
+        path, n = out / f"{stem}-{n}.json", n + 1
+    return path
