@@ -65,7 +65,7 @@ checks)
         --set data.resize_size=$((size * 8 / 7)) --set batch.global_batch=128 --set batch.per_worker_batch=32 \
         --set train.precision=bf16 --set train.max_steps=$steps --set train.epochs=1
   done
-  run resnet50-fp16 180 "$py" -m megabatch train --recipe paper-resnet50-imagenet-32k --data "$tiny" \
+  run resnet50-fp16 240 "$py" -m megabatch train --recipe paper-resnet50-imagenet-32k --data "$tiny" \
       --out "$out/runs/resnet50-fp16" --set data.image_size=$size --set data.resize_size=$((size * 8 / 7)) \
       --set batch.global_batch=128 --set batch.per_worker_batch=32 --set train.precision=fp16 \
       --set train.compile=true --set train.max_steps=$steps --set train.epochs=1
