@@ -14,7 +14,7 @@ from megabatch.batching import epoch_order
 from megabatch.cli import main
 from megabatch.nn import batch_norm_layers
 from megabatch.progress import Progress
-from megabatch.run import build_optimizer, checkpoint_state, start_run
+from megabatch.run import build_optimizer, checkpoint_state, configure_backends, start_run
 from megabatch.train import set_hyperparameters, train_one_epoch
 from megabatch.schedules import recipe_values
 
@@ -189,3 +189,14 @@ def test_compiled_model_gives_the_eager_result(tmp_path, fashion_dir):
         results.append(state_of(run.model))
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_cuda_runs_autotune_cudnn_unless_the_recipe_says_no(monkeypatch):
+    # A process-wide flag: set on CUDA only, from train.cudnn_benchmark (default true).
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    configure_backends(torch.device("cpu"), recipes.load("fashion-mnist-demo"))
+    assert torch.backends.cudnn.benchmark is False
+    configure_backends(torch.device("cuda"), recipes.load("fashion-mnist-demo"))
+    assert torch.backends.cudnn.benchmark is True
+    configure_backends(torch.device("cuda"), recipes.load("fashion-mnist-demo", ["train.cudnn_benchmark=false"]))
+    assert torch.backends.cudnn.benchmark is False

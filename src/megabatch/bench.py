@@ -215,7 +215,8 @@ def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpeg
 
 
 def time_baseline(s: Settings) -> dict:
-    """A user's own loop: torchvision ResNet-50, fp32, NCHW, eager, plain BN, momentum SGD."""
+    """A user's own loop: torchvision ResNet-50, fp32, NCHW, eager, plain BN, momentum SGD,
+    and PyTorch's defaults (no cuDNN autotuning, which megabatch's runs turn on)."""
     import torch
     import torch.nn.functional as F
     import torchvision
@@ -234,7 +235,11 @@ def time_baseline(s: Settings) -> dict:
         optimizer.step()
         optimizer.zero_grad()
 
-    result = measure(step, s, s.batch)
+    autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        result = measure(step, s, s.batch)
+    finally:
+        torch.backends.cudnn.benchmark = autotune
     del model, optimizer
     release()
     return result
@@ -361,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "device": device_name, **provenance.collect(device), "note": s.note,
         "settings": {**asdict(s), "recipe": RECIPE, "data": args.data or "generated (megabatch.data.tiny_imagenet)",
-                     "training_images": images},
+                     "training_images": images, "cudnn_benchmark": {"baseline": False, "megabatch": True}},
         "train_step": [train_entry(c.name, m, c.precision, {**asdict(c), "per_worker_batch": s.per_worker_batch})
                        for c, m in entries] + [train_entry(BASELINE, base, "fp32", {})],
         "ghost_bn": {"config": ghost_config.name, "batch_size": s.batch, "per_worker_batch": s.per_worker_batch,

@@ -159,6 +159,9 @@ class TrainConfig:
     """"channels_last", "contiguous" or "auto" (channels-last on CUDA, contiguous on CPU)."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    cudnn_benchmark: bool = True
+    """On CUDA, let cuDNN time its convolution algorithms for the run's shapes and keep the
+    fastest (``torch.backends.cudnn.benchmark``); false for runs that must repeat bitwise."""
     checkpoint_every: int = 0
     """Also write a checkpoint every N optimizer steps (0 = only at epoch ends)."""
 

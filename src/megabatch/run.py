@@ -115,11 +115,18 @@ def resume_state(run_dir: Path, log=None) -> dict[str, Any] | None:
     return None
 
 
+def configure_backends(device: torch.device, recipe: Recipe) -> None:
+    """The process-wide settings of the run's device: cuDNN autotuning on CUDA."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = recipe.train.cudnn_benchmark
+
+
 def start_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Progress | None = None,
               dist: DistInfo = DistInfo(), state: dict[str, Any] | None = None) -> Run:
     """Load the data, build model and optimizer (from ``state``, a checkpoint, when
     resuming), and write the run's provenance (rank 0)."""
     device = resolve_device(recipe.train.device, dist)
+    configure_backends(device, recipe)
     plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch,
                             recipe.batch.micro_batch, dist.world_size, dist.rank)
     train_data, test_data = load_datasets(recipe.data, data_dir, device.type, recipe.train.seed)
