@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the open GPU work asks of a CUDA machine, in two calls of at most 10 minutes.
+# Everything the open GPU work asks of a CUDA machine, in three calls of at most 10 minutes.
 #
 #   bash benchmarks/gpu_session.sh bench    # `megabatch bench` on the GPU (issue 4's figures)
 #   bash benchmarks/gpu_session.sh checks   # each CUDA path once: nvJPEG decode, bf16/fp16, compile, NCCL
@@ -55,20 +55,22 @@ bench)
 checks)
   if [ -n "$quick" ]; then size=32; steps=2; else size=128; steps=20; fi
   tiny=$out/tiny-imagenet
+  # resnet50 NAME SECONDS --set ...: the paper's recipe for a few steps on the generated folder
+  resnet50() {
+    local name=$1 limit=$2; shift 2
+    run "$name" "$limit" "$py" -m megabatch train --recipe paper-resnet50-imagenet-32k --data "$tiny" \
+        --out "$out/runs/$name" --set data.image_size=$size --set data.resize_size=$((size * 8 / 7)) \
+        --set batch.global_batch=128 --set batch.per_worker_batch=32 --set train.max_steps=$steps \
+        --set train.epochs=1 "$@"
+  }
   run tiny-imagenet 60 "$py" scripts/make_tiny_imagenet.py "$tiny" --classes 10 --train-per-class 64 \
       --val-per-class 16 --size $((size * 5 / 4)) --fashion-dir "$fashion"
   # ResNet-50, the paper's recipe, JPEGs decoded in batches on the device (nvJPEG on CUDA),
   # bf16 autocast, channels-last (the "auto" memory format on CUDA); then eval of the checkpoint.
   for decoder in device pil; do
-    run "resnet50-$decoder" 150 "$py" -m megabatch train --recipe paper-resnet50-imagenet-32k --data "$tiny" \
-        --out "$out/runs/resnet50-$decoder" --set data.decoder=$decoder --set data.image_size=$size \
-        --set data.resize_size=$((size * 8 / 7)) --set batch.global_batch=128 --set batch.per_worker_batch=32 \
-        --set train.precision=bf16 --set train.max_steps=$steps --set train.epochs=1
+    resnet50 "resnet50-$decoder" 150 --set data.decoder=$decoder --set train.precision=bf16
   done
-  run resnet50-fp16 240 "$py" -m megabatch train --recipe paper-resnet50-imagenet-32k --data "$tiny" \
-      --out "$out/runs/resnet50-fp16" --set data.image_size=$size --set data.resize_size=$((size * 8 / 7)) \
-      --set batch.global_batch=128 --set batch.per_worker_batch=32 --set train.precision=fp16 \
-      --set train.compile=true --set train.max_steps=$steps --set train.epochs=1
+  resnet50 resnet50-fp16 240 --set train.precision=fp16 --set train.compile=true
   run eval 60 "$py" -m megabatch eval --checkpoint "$out/runs/resnet50-fp16/final.pt" --data "$tiny"
   # One process under torchrun: the NCCL process group (gloo without a GPU), DDP and its fp16 hook.
   run torchrun-1 120 "$py" -m torch.distributed.run --nproc-per-node=1 -m megabatch train \

@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     """Measure, print the table as it goes, write the JSON result; 0 on success."""
     import torch
 
-    from megabatch import bench_input, provenance
+    from megabatch import bench_input, provenance, recipe as recipes
 
     s = settings(args)
     device = torch.device(s.device)
@@ -344,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
             feed.close()
             readings.append((pipeline, m))
             print(row(pipeline.name(device), m), flush=True)
-        reading = max(readings, key=lambda r: r[1]["images_per_s"])[0]
+        reading, reading_m = max(readings, key=lambda r: r[1]["images_per_s"])
 
         print(f"end to end (from the JPEG folder; {reading.name(device)})")
         e2e = time_megabatch(s, best, s.per_worker_batch, tmp / "e2e", (root, reading.decoder, reading.workers))
@@ -353,8 +353,8 @@ def run(args: argparse.Namespace) -> int:
         print(row(best.name, e2e, base["images_per_s"], mfu(e2e, best.precision)))
         print(f"  peak memory {e2e['peak_memory_bytes'] / 2 ** 30:.2f} GiB "
               f"({'torch.cuda.max_memory_allocated' if s.device != 'cpu' else 'peak RSS of the process'})")
-        summary = where_the_time_goes(best_m["images_per_s"], base["images_per_s"],
-                                      max(m["images_per_s"] for _, m in readings), e2e["images_per_s"])
+        summary = where_the_time_goes(best_m["images_per_s"], base["images_per_s"], reading_m["images_per_s"],
+                                      e2e["images_per_s"])
         print("\n" + "\n".join(time_lines(summary, best.name, reading.name(device))))
 
     def train_entry(name: str, m: dict, precision: str, extra: dict) -> dict:
@@ -366,7 +366,8 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "device": device_name, **provenance.collect(device), "note": s.note,
         "settings": {**asdict(s), "recipe": RECIPE, "data": args.data or "generated (megabatch.data.tiny_imagenet)",
-                     "training_images": images, "cudnn_benchmark": {"baseline": False, "megabatch": True}},
+                     "training_images": images,
+                     "cudnn_benchmark": {"baseline": False, "megabatch": recipes.load(RECIPE).train.cudnn_benchmark}},
         "train_step": [train_entry(c.name, m, c.precision, {**asdict(c), "per_worker_batch": s.per_worker_batch})
                        for c, m in entries] + [train_entry(BASELINE, base, "fp32", {})],
         "ghost_bn": {"config": ghost_config.name, "batch_size": s.batch, "per_worker_batch": s.per_worker_batch,

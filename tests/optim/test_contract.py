@@ -61,6 +61,8 @@ def test_state_dict_round_trip(case, foreach):
         assert set(resumed_opt.state[p]) == set(case.state_keys)
         for key in case.state_keys:
             assert torch.equal(torch.as_tensor(resumed_opt.state[p][key]), torch.as_tensor(opt.state[q][key]))
+        if "step" in case.state_keys:  # the step count came back from the checkpoint too
+            assert resumed_opt.state[p]["step"] == opt.state[q]["step"] == 15
 
 
 @pytest.mark.parametrize("case", CASES)
