@@ -92,6 +92,62 @@ def test_unreadable_image_is_replaced_counted_and_named(tiny, tmp_path, decoder)
     assert train.take_unreadable() == [str(bad)] and train.take_unreadable() == []
 
 
+def truncated_batch(tiny, tmp_path):
+    """Samples [class-2 image, truncated class-0 file, class-1 image, class-0 image]."""
+    first = {c: sorted((tiny / "train" / f"n0000000{c}").iterdir()) for c in (0, 1, 2)}
+    broken = tmp_path / "broken.JPEG"
+    data = first[0][0].read_bytes()
+    broken.write_bytes(data[:len(data) // 2])  # reads, but does not decode
+    return [(str(first[2][0]), 2), (str(broken), 0), (str(first[1][0]), 1), (str(first[0][1]), 0)]
+
+
+@pytest.mark.parametrize("decoder", ["pil", "device"])
+def test_a_replaced_image_comes_with_its_own_label(tiny, tmp_path, decoder):
+    samples = truncated_batch(tiny, tmp_path)
+    source = imagenet.ImageFolderSource(samples, ["a", "b", "c"], SIZE, 40, decoder, workers=0)
+    [(x, y)] = list(source.evaluation_batches(0, 3, 3, torch.device("cpu")))
+    # The truncated file is replaced by the next readable file of the data set, the
+    # class-1 image, pixels and label together (not the class-2 image under label 0).
+    assert y.tolist() == [2, 1, 1]
+    assert torch.equal(x[1], x[2]) and not torch.equal(x[1], x[0])
+    assert source.take_unreadable() == [samples[1][0]]
+
+
+def test_both_decoders_substitute_the_same_image_in_training(tiny, tmp_path):
+    samples = truncated_batch(tiny, tmp_path)
+    labels = {}
+    for decoder in ("pil", "device"):
+        source = imagenet.ImageFolderSource(samples, ["a", "b", "c"], SIZE, 40, decoder, workers=0)
+        labels[decoder] = torch.cat([y for step in steps_of(source, BatchPlan.create(4, 4, 4)) for _, y in step])
+        assert source.take_unreadable() == [samples[1][0]]
+    order = imagenet.epoch_order(0, 0, len(samples)).tolist()
+    expected = [samples[2 if i == 1 else i][1] for i in order]  # file 1 -> file 2, label 1
+    assert labels["pil"].tolist() == labels["device"].tolist() == expected
+
+
+@pytest.mark.parametrize("decoder", ["pil", "device"])
+def test_a_failing_transform_is_not_an_unreadable_image(tiny, decoder):
+    # Every file is fine; image_size=0 makes the crop raise. That must surface as
+    # the error it is, never as "no image of the data set can be read".
+    train, _ = imagenet.load(tiny, 0, 40, decoder=decoder, workers=0)
+    with pytest.raises(Exception) as raised:
+        steps_of(train, BatchPlan.create(32, 8, 16))
+    assert not isinstance(raised.value, UserError), raised.value
+    assert train.take_unreadable() == []
+
+
+def test_only_reading_and_decoding_errors_count(tiny, monkeypatch):
+    train, _ = imagenet.load(tiny, SIZE, 40, workers=0)
+
+    def buggy(self, image, item):
+        raise ValueError("a bug in the transforms")
+
+    monkeypatch.setattr(imagenet.FolderImages, "transform", buggy)
+    with pytest.raises(ValueError, match="a bug in the transforms"):
+        steps_of(train, BatchPlan.create(32, 8, 16))
+    assert train.take_unreadable() == []
+
+
 def test_resnet50_end_to_end_on_tiny_imagenet(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--recipe", "paper-resnet50-imagenet-32k", "--data", str(tiny), "--out", str(out),

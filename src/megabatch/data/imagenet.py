@@ -14,23 +14,26 @@ Two decoders sit behind one interface (:class:`ImageFolderSource`):
 
 The random crop of each image is drawn from a generator seeded by (seed, epoch,
 the image's position in the epoch), so it does not depend on the number of
-processes, workers or the micro-batch. An image that cannot be read is counted,
-replaced by the next readable image of the data set, and reported after the
-epoch: never a crash hours into a run, never silently.
+processes, workers or the micro-batch. An image that cannot be read or decoded
+is counted, replaced by the next readable image of the data set *with that
+image's label* (both decoders make the same substitution), and reported after
+the epoch: never a crash hours into a run, never silently. Only reading and
+decoding errors count as unreadable images: an error of the transforms is a bug
+or a bad setting and is raised as it is.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
@@ -41,6 +44,10 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
+# What reading or decoding a damaged file raises (PIL's UnidentifiedImageError and
+# "image file is truncated" are OSErrors; some of its plugins raise SyntaxError or
+# ValueError). Only these make an image "unreadable"; nothing else is caught.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -107,30 +114,51 @@ class FolderImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, item: Item) -> tuple[torch.Tensor, int, list[str], Item]:
+        """The image (``"device"``: its file's bytes), its label, the unreadable files
+        skipped to find it, and ``item`` with the index of the file actually read."""
         bad = []
         for offset in range(len(self.samples)):
-            path, label = self.samples[(item.index + offset) % len(self.samples)]
+            index = (item.index + offset) % len(self.samples)
+            path, label = self.samples[index]
             try:
-                if self.decoder == "device":
-                    with open(path, "rb") as f:
-                        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), label, bad, item
-                return self.transform(path, item), label, bad, item
-            except (OSError, UnidentifiedImageError, ValueError, RuntimeError, SyntaxError):
+                image = read_bytes(path) if self.decoder == "device" else read_rgb(path)
+            except UNREADABLE:
                 bad.append(path)
+                continue
+            if self.decoder == "pil":  # outside the try: a failing transform is not a bad file
+                image = self.transform(image, item)
+            return image, label, bad, replace(item, index=index)
         raise UserError("no image of the data set can be read")
 
-    def transform(self, path: str, item: Item) -> torch.Tensor:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if item.epoch < 0:
-                image = TF.center_crop(TF.resize(image, self.resize_size), self.image_size)
-            else:
-                g = sample_generator(self.seed, item.epoch, item.position)
-                top, left, h, w = crop_box(image.height, image.width, g)
-                image = TF.resized_crop(image, top, left, h, w, [self.image_size] * 2)
-                if torch.rand(1, generator=g).item() < 0.5:
-                    image = TF.hflip(image)
-            return TF.pil_to_tensor(image)
+    def transform(self, image: Image.Image, item: Item) -> torch.Tensor:
+        if item.epoch < 0:
+            image = TF.center_crop(TF.resize(image, self.resize_size), self.image_size)
+        else:
+            g = sample_generator(self.seed, item.epoch, item.position)
+            top, left, h, w = crop_box(image.height, image.width, g)
+            image = TF.resized_crop(image, top, left, h, w, [self.image_size] * 2)
+            if torch.rand(1, generator=g).item() < 0.5:
+                image = TF.hflip(image)
+        return TF.pil_to_tensor(image)
+
+
+def read_bytes(path: str) -> torch.Tensor:
+    with open(path, "rb") as f:
+        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+
+def read_rgb(path: str) -> Image.Image:
+    """The decoded image (``convert`` loads the pixels, so damage shows here)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def decode_rgb(data: torch.Tensor) -> torch.Tensor | None:
+    """One image's bytes decoded on the CPU; None when they do not decode."""
+    try:
+        return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+    except RuntimeError:  # torchvision's decoders raise RuntimeError on damaged data
+        return None
 
 
 def collate(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, list[str], list[Item]]:
@@ -162,35 +190,48 @@ class ImageFolderSource:
                    items: list[Item], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         self.unreadable += bad
         if self.decoder == "device":
-            x = torch.stack([self._decode_on_device(data, item, device) for data, item in
-                             zip(self._decode_all(images, items, device), items)])
+            decoded, labels = self._decode_all(images, labels, items, device)
+            x = torch.stack([self._decode_on_device(data, item, device) for data, item in zip(decoded, items)])
         else:
             x = torch.stack(images).to(device, non_blocking=True)
         mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
         return (x.to(torch.get_default_dtype()) / 255.0 - mean) / std, labels.to(device, non_blocking=True)
 
-    def _decode_all(self, data: list[torch.Tensor], items: list[Item], device: torch.device) -> list[torch.Tensor]:
+    def _decode_all(self, data: list[torch.Tensor], labels: torch.Tensor, items: list[Item],
+                    device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Decode a micro-batch at once; if that fails, image by image, replacing any
-        unreadable one by a readable image of the same micro-batch (and counting it)."""
-        rgb = torchvision.io.ImageReadMode.RGB
+        file that does not decode as the ``"pil"`` decoder does: by the next readable
+        image of the data set, with its own label (and counting the bad file)."""
         with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; decode_jpeg still works
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
-                return torchvision.io.decode_jpeg(data, mode=rgb, device=device)
+                return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                                  device=device), labels
             except RuntimeError:  # a PNG, a CMYK JPEG or a damaged file in the batch
                 pass
-            decoded: list[torch.Tensor | None] = []
-            for d, item in zip(data, items):
-                try:
-                    decoded.append(torchvision.io.decode_image(d, mode=rgb).to(device))
-                except RuntimeError:
-                    self.unreadable.append(self.samples[item.index][0])
-                    decoded.append(None)
-        good = [d for d in decoded if d is not None]
-        if not good:
-            raise UserError(f"no image of a micro-batch could be decoded (e.g. {self.samples[items[0].index][0]})")
-        return [d if d is not None else good[0] for d in decoded]
+            decoded, labels = [], labels.clone()
+            for i, (d, item) in enumerate(zip(data, items)):
+                image = decode_rgb(d)
+                if image is None:
+                    image, labels[i] = self._next_decodable(item.index)
+                decoded.append(image.to(device))
+        return decoded, labels
+
+    def _next_decodable(self, index: int) -> tuple[torch.Tensor, int]:
+        """The image and label of the first file after ``index`` (which did not decode)
+        that reads and decodes; ``index`` and the files passed over count as unreadable."""
+        self.unreadable.append(self.samples[index][0])
+        for offset in range(1, len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = decode_rgb(read_bytes(path))
+            except OSError:
+                image = None
+            if image is not None:
+                return image, label
+            self.unreadable.append(path)
+        raise UserError("no image of the data set can be read")
 
     def _decode_on_device(self, image: torch.Tensor, item: Item, device: torch.device) -> torch.Tensor:
         if item.epoch < 0:
