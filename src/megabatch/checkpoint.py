@@ -5,58 +5,146 @@ with strict loading), ``optimizer``, ``iteration``, ``epoch`` (completed
 epochs), ``recipe`` (the resolved recipe as a dict) and ``rng`` (torch's RNG
 states). It is written to a temporary file in the same folder, flushed to disk
 and renamed, so a crash leaves either the old file or the new one, never half
-of one. Loading uses ``torch.load(weights_only=True)``, which never runs code
-stored in a file.
+of one; the file gets the permissions of any new file (the umask's). A model
+with a NaN or infinite weight is never written, so every checkpoint on disk is
+one to resume from. A failed write (a full disk) is a one-line
+:class:`CheckpointWriteError` naming the last good checkpoint. Loading uses
+``torch.load(weights_only=True)``, which never runs code stored in a file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megabatch.errors import UserError
+from megabatch.errors import CheckpointWriteError, NonFiniteCheckpoint, UserError
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+# How torch.save's files begin: a zip archive, or (before torch 1.6) a pickle.
+_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def non_finite(model_state: dict[str, Any]) -> list[str]:
+    """The names of the tensors of a model state_dict that hold NaN or infinite values."""
+    return [name for name, t in model_state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise :class:`NonFiniteCheckpoint` if the checkpoint ``state`` read from ``path``
+    holds a non-finite model parameter or buffer (what ``megabatch eval`` refuses)."""
+    bad = non_finite(state.get("model", {}))
+    if bad:
+        raise NonFiniteCheckpoint(f"checkpoint {path} holds NaN or infinite weights ({_some(bad)}): it comes "
+                                  f"from a diverged run; use an earlier checkpoint of that run")
 
 
 def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename), unless its
+    model holds a non-finite value (:class:`NonFiniteCheckpoint`: nothing is written)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    bad = non_finite(state.get("model", {}))
+    if bad:
+        raise NonFiniteCheckpoint(f"not writing checkpoint {path}: the model holds NaN or infinite weights "
+                                  f"({_some(bad)}), training has diverged; {_last_good(path)}: resume from "
+                                  f"it with a smaller learning rate or a longer warm-up")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    created = False
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open applies the umask, as for any new file (mkstemp would make it 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        created = True
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if created:
+            tmp.unlink(missing_ok=True)
+        cause = _write_failure(e)
+        if cause is None:
+            raise
+        raise CheckpointWriteError(_write_failure_message(path, cause)) from e
     return path
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint without executing code from it; damage is a one-line UserError."""
+def _write_failure(e: BaseException) -> BaseException | None:
+    """The OSError behind a failed write (torch.save reports a full disk as a
+    ``RuntimeError: ... unexpected pos`` raised while handling the OSError), or
+    torch's own writer error; None for anything else (a bug: raised as it is)."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(e, RuntimeError) and re.search(r"unexpected pos|PytorchStreamWriter|file write failed", str(e)):
+        return e
+    return None
+
+
+def _write_failure_message(path: Path, cause: BaseException) -> str:
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"the disk of {path.parent} is full ({cause.strerror})"
+        todo = "free some space (or move the run to a larger disk), then continue with --resume"
+    else:
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
+        what = f"writing to {path.parent} failed ({reason})"
+        todo = "fix the folder (space, permissions, the file system), then continue with --resume"
+    return f"could not write checkpoint {path.name}: {what}; nothing partial was left; {_last_good(path)}; {todo}"
+
+
+def _last_good(path: Path) -> str:
+    """Which checkpoint survives beside ``path``: the newest step checkpoint of its folder
+    (or of its ``checkpoints/`` subfolder, where ``megabatch train`` writes them), or
+    ``path`` itself when an earlier version of it is there."""
+    for folder in (path.parent, path.parent / "checkpoints"):
+        found = [p for p in list_checkpoints(folder) if p != path] or ([path] if path.is_file() else [])
+        if found:
+            return f"the last good checkpoint is {found[-1]}"
+    return f"no earlier checkpoint is in {path.parent}"
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+         require_finite: bool = False) -> dict[str, Any]:
+    """Read a checkpoint without executing code from it; damage is a one-line UserError.
+    ``require_finite``: a non-finite model weight is a :class:`NonFiniteCheckpoint`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head and not head.startswith(_MAGIC):
+        raise UserError(f"{path} is not a checkpoint (not a file written by torch.save): give a .pt file "
+                        f"that megabatch train wrote, e.g. RUN_DIR/final.pt or RUN_DIR/checkpoints/step-*.pt")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"refusing checkpoint {path}: it holds objects other than tensors and "
                         f"plain values ({first}); only load files you trust, with torch.load") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0]}); "
-                        f"use an earlier checkpoint") from None
+        message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({message}); use an earlier checkpoint") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict of "
+                        f"states): give a .pt file that megabatch train wrote")
+    if require_finite:
+        check_finite(state, path)
+    return state
 
 
 def step_path(folder: str | os.PathLike, iteration: int) -> Path:

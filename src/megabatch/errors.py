@@ -3,7 +3,9 @@
 Raise :class:`UserError` for bad input (a missing file, a wrong recipe key, an
 impossible batch split): the command line prints ``megabatch: error: <message>``
 and exits with status 2. :class:`Diverged` is a training run that produced a NaN
-or infinite loss: exit status 1. The message always says what to do next.
+or infinite loss, :class:`NonFiniteCheckpoint` a checkpoint of such weights and
+:class:`CheckpointWriteError` a checkpoint the disk refused: exit status 1. The
+message always says what to do next.
 """
 
 
@@ -15,5 +17,17 @@ class UserError(Exception):
 
 class Diverged(UserError):
     """Training produced a non-finite loss: printed as one line, exit status 1."""
+
+    exit_code = 1
+
+
+class NonFiniteCheckpoint(Diverged):
+    """A checkpoint whose model weights hold NaN or infinite values: refused when it
+    would be written, and when it is loaded for evaluation. Exit status 1."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, no permission, I/O error); nothing
+    partial is left behind. Exit status 1: the input was fine, the disk was not."""
 
     exit_code = 1
