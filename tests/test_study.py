@@ -86,3 +86,40 @@ def test_largest_batch_keeping_up_stops_at_the_first_failure():
     results = [{"method": "linear", "batch": b, "final_top1": v}
                for b, v in ((512, 90.0), (2048, 89.5), (8192, 80.0), (16384, 89.8))]
     assert largest_keeping_up(spec, results, baseline=90.2)["linear"] == 2048
+
+
+def test_paper_budget_spec_grid():
+    spec = load_spec("fashion-mnist-paper-budget")
+    assert spec.epochs == 90 and spec.batches == (2048, 8192) and "train.precision=fp32" in spec.set
+    cells = {(r.method.name, r.batch): [] for r in spec.runs()}
+    for r in spec.runs():
+        cells[(r.method.name, r.batch)].append(r.seed)
+    for method in ("linear", "goyal", "lars", "paper"):
+        assert cells[(method, 2048)] == cells[(method, 8192)] == [0, 1]
+    for ablation in ("paper-no-rmsprop", "paper-goyal-schedule", "paper-moving-average-bn", "paper-steps"):
+        assert cells[(ablation, 8192)] == [0] and (ablation, 2048) not in cells
+    assert cells[("baseline", 128)] == [0, 1] and len(spec.runs()) == 22
+    # LARS runs the published trust ratio with the MLPerf hyperparameters, scaled to the batch.
+    from megabatch import recipe as recipes
+    lars = recipes.load("fashion-mnist-lars", list(spec.overrides(next(r for r in spec.runs() if r.method.name == "lars"))))
+    assert lars.optimizer.trust_norm == "gradient_plus_decay" and lars.base_lr == pytest.approx(29.0 * 2048 / 32768)
+
+
+def test_first_seeds_run_first():
+    from megabatch.study.runner import first_seeds_first
+
+    order = [(r.method.name, r.batch, r.seed) for r in first_seeds_first(load_spec("fashion-mnist-paper-budget").runs())]
+    assert [seed for *_, seed in order] == [0] * 13 + [1] * 9
+    assert order[0] == ("baseline", 128, 0)
+
+
+def test_paper_budget_spec_in_tiny_form(tmp_path, fashion_dir):
+    """The built-in spec end to end, one epoch on a subset and one seed: every cell trains."""
+    out = tmp_path / "study"
+    assert main(["study", "--spec", "fashion-mnist-paper-budget", "--out", str(out), "--epochs", "1",
+                 "--seeds", "0", "--parallel", "2", "--data", str(fashion_dir),
+                 "--set", "data.train_subset=8192", "--set", "data.test_subset=500"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 13 and all(r["epochs"] == "1" for r in rows)
+    assert {int(r["steps"]) for r in rows} == {64, 4, 1}  # 8192 images at batches 128, 2048, 8192
+    assert "Reduced grid" in (out / "report.md").read_text()

@@ -15,7 +15,8 @@ import torch
 
 from megabatch.errors import UserError
 
-DEFAULT_MAX_MICRO_BATCH = 1024
+DEFAULT_MAX_MICRO_BATCH = 1024  # on a GPU
+CPU_MAX_MICRO_BATCH = 256  # small passes stay in a CPU's caches
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,10 @@ class BatchPlan:
 
     @classmethod
     def create(cls, global_batch: int, per_worker_batch: int, micro_batch: int = 0,
-               processes: int = 1, rank: int = 0) -> "BatchPlan":
-        """Check the split and fill in an automatic micro-batch (``micro_batch=0``)."""
+               processes: int = 1, rank: int = 0,
+               max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH) -> "BatchPlan":
+        """Check the split and fill in an automatic micro-batch (``micro_batch=0``): the
+        most whole workers, up to ``max_micro_batch`` images, that divide the share."""
         if global_batch % per_worker_batch:
             raise UserError(f"global batch {global_batch} is not divisible by per_worker_batch "
                             f"{per_worker_batch}")
@@ -42,7 +45,7 @@ class BatchPlan:
         # A micro-batch is an upper bound on the images of one pass: never more than the share.
         micro_batch = min(micro_batch, local)
         if micro_batch == 0:
-            per_pass = max(1, min(local, DEFAULT_MAX_MICRO_BATCH) // per_worker_batch)
+            per_pass = max(1, min(local, max_micro_batch) // per_worker_batch)
             while (local // per_worker_batch) % per_pass:
                 per_pass -= 1
             micro_batch = per_pass * per_worker_batch

@@ -144,13 +144,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from megabatch.study import load_spec, run_study
     from megabatch.study.report import plot, write_csv, write_markdown
 
-    batches = None
-    if args.batches:
-        try:
-            batches = [int(b) for b in args.batches.split(",") if b.strip()]
-        except ValueError:
-            raise UserError(f"--batches {args.batches!r} must be comma-separated integers") from None
-    spec = load_spec(args.spec, epochs=args.epochs, batches=batches)
+    batches, seeds = _integers(args.batches, "--batches"), _integers(args.seeds, "--seeds")
+    spec = load_spec(args.spec, epochs=args.epochs, batches=batches, seeds=seeds, extra_set=args.set)
     out = Path(args.out) if args.out else Path("runs") / f"study-{spec.name}"
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -162,13 +157,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     results = run_study(spec, out, args.data, args.parallel)
     write_csv(results, out / "results.csv")
     note = ""
-    if args.epochs or batches:
-        note = (f"Reduced grid: {spec.epochs} epochs per run and batches {list(spec.batches)} "
-                f"(the spec's own: see `megabatch study --spec {args.spec}` without --epochs/--batches).")
+    if args.epochs or batches or seeds or args.set:
+        note = (f"Reduced grid: {spec.epochs} epochs per run, batches {list(spec.batches)}"
+                + (f", seeds {seeds}" if seeds else "") + (f", --set {' '.join(args.set)}" if args.set else "")
+                + f" (the spec's own: `megabatch study --spec {args.spec}` without those flags).")
     write_markdown(spec, results, out / "report.md", note)
     written = plot(spec, results, out)
     print(f"wrote {out / 'results.csv'}, {out / 'report.md'}" + "".join(f", {p}" for p in written))
     return 0
+
+
+def _integers(text: str | None, flag: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} must be comma-separated integers") from None
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -229,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder with the data set (default: the recipes')")
     p.add_argument("--epochs", type=int, help="a reduced grid: this epoch budget instead of the spec's")
     p.add_argument("--batches", help="a reduced grid: these batches (comma-separated) instead of the spec's")
+    p.add_argument("--seeds", help="a reduced grid: only these seeds (comma-separated) of each cell")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value in every run, after the spec's own (repeatable)")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("simulate", help="predict time and scaling efficiency on a cluster")

@@ -8,6 +8,7 @@ The loop itself is in :mod:`megabatch.train`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from megabatch import checkpoint, models, provenance
-from megabatch.batching import BatchPlan
+from megabatch.batching import CPU_MAX_MICRO_BATCH, DEFAULT_MAX_MICRO_BATCH, BatchPlan
 from megabatch.data import load_datasets
 from megabatch.data.images import ImageTensors
 from megabatch.distributed import DistInfo, wrap_model
@@ -78,6 +79,29 @@ def memory_format(device: torch.device, setting: str = "auto") -> torch.memory_f
     return torch.channels_last if setting == "channels_last" else torch.contiguous_format
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 support, or a CPU
+    with AVX512-BF16 or AMX (read from /proc/cpuinfo; elsewhere: no)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_recipe(recipe: Recipe, device: torch.device) -> Recipe:
+    """A copy of ``recipe`` with its device-dependent "auto" values decided (precision)."""
+    if recipe.train.precision != "auto":
+        return recipe
+    resolved = copy.deepcopy(recipe)
+    resolved.train.precision = "bf16" if native_bf16(device) else "fp32"
+    return resolved
+
+
 def build_model(recipe: Recipe, in_channels: int, num_classes: int, device: torch.device) -> nn.Module:
     """The recipe's model with per-worker (ghost) batch norm and its BN statistics mode."""
     torch.manual_seed(recipe.train.seed)
@@ -94,7 +118,8 @@ def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
                           {"lars_adaptation": False} if o.name == "lars" else None)
     # The trainer sets lr (and alpha_sgd) before every step; these are placeholders.
     if o.name == "lars":
-        return LARS(groups, lr=recipe.base_lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient)
+        return LARS(groups, lr=recipe.base_lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient,
+                    trust_norm=o.trust_norm)
     if o.name == "rmsprop_warmup":
         return RMSpropWarmup(groups, lr=recipe.base_lr, momentum=o.momentum, rms_decay=o.rms_decay,
                              eps=o.eps, rmsprop_lr=o.rmsprop_lr, alpha_sgd=0.0)
@@ -126,9 +151,11 @@ def start_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
     """Load the data, build model and optimizer (from ``state``, a checkpoint, when
     resuming), and write the run's provenance (rank 0)."""
     device = resolve_device(recipe.train.device, dist)
+    recipe = resolve_recipe(recipe, device)
     configure_backends(device, recipe)
     plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch,
-                            recipe.batch.micro_batch, dist.world_size, dist.rank)
+                            recipe.batch.micro_batch, dist.world_size, dist.rank,
+                            CPU_MAX_MICRO_BATCH if device.type == "cpu" else DEFAULT_MAX_MICRO_BATCH)
     train_data, test_data = load_datasets(recipe.data, data_dir, device.type, recipe.train.seed)
     model = build_model(recipe, train_data.channels, len(train_data.classes), device)
     optimizer = build_optimizer(recipe, model)

@@ -330,3 +330,36 @@ def test_zero_lr_leaves_parameters_unchanged():
     opt = LARS(model.parameters(), lr=0.0)
     train_step(model, opt, make_data())
     assert_params_equal(model, before)
+
+
+# -- the published trust ratio: parity with timm ------------------------------------------------
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_plus_decay_matches_timm(foreach, weight_decay, dtype):
+    """trust_norm="gradient_plus_decay" is You et al.'s ||grad|| + wd ||w||, as timm's
+    Lars(always_adapt=True) computes it; the default differs from it once wd > 0."""
+    timm_optim = pytest.importorskip("timm.optim")
+    model, data = make_mlp(dtype), make_data(dtype)
+    ref, moco = copy.deepcopy(model), copy.deepcopy(model)
+    hyper = dict(momentum=0.9, weight_decay=weight_decay, eps=1e-8)
+    opt = LARS(model.parameters(), lr=0.1, trust_coefficient=0.001, trust_norm="gradient_plus_decay",
+               foreach=foreach, **hyper)
+    ref_opt = timm_optim.Lars(ref.parameters(), lr=0.1, trust_coeff=0.001, always_adapt=True, **hyper)
+    moco_opt = LARS(moco.parameters(), lr=0.1, trust_coefficient=0.001, foreach=foreach, **hyper)
+    for t in range(20):
+        for m, o in ((model, opt), (ref, ref_opt), (moco, moco_opt)):
+            train_step(m, o, data, lr=10 * varying_lr(t))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    for (name, a), b, c in zip(model.named_parameters(), ref.parameters(), moco.parameters()):
+        assert max_diff(a, b) <= tolerance * max(1.0, b.abs().max().item()), name
+        if weight_decay:
+            assert max_diff(a, c) > 10 * tolerance, f"{name}: the two forms should differ with decay"
+        else:
+            assert max_diff(a, c) <= tolerance * max(1.0, c.abs().max().item()), name
+
+
+def test_trust_norm_is_checked():
+    with pytest.raises(ValueError, match="trust_norm"):
+        LARS([torch.zeros(2, requires_grad=True)], lr=0.1, trust_norm="grad")

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from megabatch.optim.foreach import by_device_and_dtype, use_foreach
 
+TRUST_NORMS = ("decayed_gradient", "gradient_plus_decay")
+
 
 class LARS(torch.optim.Optimizer):
     r"""Momentum SGD whose step for each tensor is scaled by its trust ratio.
@@ -19,8 +21,10 @@ class LARS(torch.optim.Optimizer):
     Per parameter tensor ``w`` with gradient ``grad``::
 
         g        = grad + weight_decay * w
-        local_lr = trust_coefficient * ||w|| / (||g|| + eps)   if ||w|| > 0 and ||g|| > 0
+        local_lr = trust_coefficient * ||w|| / (norm + eps)    if ||w|| > 0 and norm > 0
                    1                                            otherwise
+        norm     = ||g||                                 trust_norm="decayed_gradient"
+                 = ||grad|| + weight_decay * ||w||       trust_norm="gradient_plus_decay"
         buf      = momentum * buf + local_lr * g
         w        = w - lr * buf
         nesterov: w = w - lr * (local_lr * g + momentum * buf)
@@ -28,13 +32,18 @@ class LARS(torch.optim.Optimizer):
     At the first step ``buf = local_lr * g``, as ``torch.optim.SGD`` (dampening 0).
 
     ``||.||`` is the L2 norm over the whole tensor (one layer's weight, or its
-    bias). ``||g||`` is the norm of the decayed gradient, the vector that is
-    actually scaled and applied, as in the MAE / MoCo v3 implementations:
-    then ``||local_lr * g|| = trust_coefficient * ||w||`` (up to ``eps``), so
-    before momentum every layer moves by the same fraction of its weight norm.
-    The paper (and timm, NVIDIA's MLPerf code) divide by
-    ``||grad|| + weight_decay * ||w||`` instead, the triangle-inequality bound
-    of the same norm; the two agree when ``weight_decay = 0``.
+    bias). Two published forms of the denominator:
+
+    * ``"decayed_gradient"`` (the default): the norm of the decayed gradient, the
+      vector that is actually scaled and applied, as in the MAE / MoCo v3
+      implementations: then ``||local_lr * g|| = trust_coefficient * ||w||`` (up to
+      ``eps``), so before momentum every layer moves by the same fraction of its
+      weight norm.
+    * ``"gradient_plus_decay"``: ``||grad|| + weight_decay * ||w||``, the form of
+      You et al.'s Algorithm 1, the MLPerf reference and ``timm.optim.Lars``
+      (the triangle-inequality bound of the same norm).
+
+    The two agree when ``weight_decay = 0``.
 
     A group with ``lars_adaptation=False`` uses ``local_lr = 1``: there LARS is
     exactly ``torch.optim.SGD(lr, momentum, weight_decay=..., nesterov=...)``.
@@ -52,7 +61,8 @@ class LARS(torch.optim.Optimizer):
         weight_decay: L2 coefficient added to the gradient, before the trust
             ratio is computed.
         trust_coefficient: ``eta`` of the paper, > 0.
-        eps: added to ``||g||`` in the trust ratio's denominator.
+        eps: added to the trust ratio's denominator.
+        trust_norm: ``"decayed_gradient"`` or ``"gradient_plus_decay"`` (above).
         nesterov: Nesterov momentum, as in ``torch.optim.SGD``.
         exclude_from_adaptation: the default of the group option
             ``lars_adaptation`` is ``not exclude_from_adaptation``; a group
@@ -73,6 +83,7 @@ class LARS(torch.optim.Optimizer):
         eps: float = 1e-9,
         nesterov: bool = False,
         exclude_from_adaptation: bool = False,
+        trust_norm: str = "decayed_gradient",
         foreach: bool | None = None,
     ):
         if not isinstance(exclude_from_adaptation, bool):
@@ -87,6 +98,7 @@ class LARS(torch.optim.Optimizer):
             eps=eps,
             nesterov=nesterov,
             lars_adaptation=not exclude_from_adaptation,
+            trust_norm=trust_norm,
             foreach=foreach,
         )
         _check_hyperparameters(defaults)
@@ -146,6 +158,7 @@ class LARS(torch.optim.Optimizer):
                 eps=group["eps"],
                 nesterov=group["nesterov"],
                 lars_adaptation=group["lars_adaptation"],
+                trust_norm=group.get("trust_norm", "decayed_gradient"),
             )
         return loss
 
@@ -168,20 +181,22 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError("nesterov momentum requires momentum > 0")
     if not isinstance(group["lars_adaptation"], bool):
         raise ValueError(f"lars_adaptation must be a bool, got {group['lars_adaptation']!r}")
+    if group.get("trust_norm", "decayed_gradient") not in TRUST_NORMS:
+        raise ValueError(f"trust_norm must be one of {TRUST_NORMS}, got {group['trust_norm']!r}")
     if group["foreach"] not in (None, False, True):
         raise ValueError(f"foreach must be None or a bool, got {group['foreach']!r}")
 
 
-
-
-def _trust_ratio(w_norm: Tensor, g_norm: Tensor, trust_coefficient: float, eps: float) -> Tensor:
-    """``trust_coefficient * ||w|| / (||g|| + eps)``, or 1 where either norm is 0.
+def _trust_ratio(w_norm: Tensor, g_norm: Tensor, trust_coefficient: float, eps: float,
+                 grad_norm: Tensor | None = None) -> Tensor:
+    """``trust_coefficient * ||w|| / (g_norm + eps)``, or 1 where ``||w||`` or the
+    gradient's norm (``grad_norm`` if given, else ``g_norm``) is 0, as timm has it.
 
     Elementwise, so the per-tensor path (0-dim norms) and the multi-tensor
     path (stacked norms) compute the same bits. Stays on the device: no sync.
     """
     ratio = trust_coefficient * w_norm / (g_norm + eps)
-    return torch.where((w_norm > 0.0) & (g_norm > 0.0), ratio, 1.0)
+    return torch.where((w_norm > 0.0) & ((g_norm if grad_norm is None else grad_norm) > 0.0), ratio, 1.0)
 
 
 def _single_tensor_update(
@@ -196,16 +211,17 @@ def _single_tensor_update(
     eps: float,
     nesterov: bool,
     lars_adaptation: bool,
+    trust_norm: str,
 ) -> None:
     # Same operations, in the same order, as torch.optim.SGD when local_lr = 1.
     for p, g, buf in zip(params, grads, bufs):
+        grad_norm = torch.linalg.vector_norm(g) if lars_adaptation and trust_norm != "decayed_gradient" else None
         if weight_decay != 0.0:
             g = g.add(p, alpha=weight_decay)
         if lars_adaptation:
-            ratio = _trust_ratio(
-                torch.linalg.vector_norm(p), torch.linalg.vector_norm(g), trust_coefficient, eps
-            )
-            g = g.mul(ratio)
+            w_norm = torch.linalg.vector_norm(p)
+            norm = torch.linalg.vector_norm(g) if grad_norm is None else grad_norm + weight_decay * w_norm
+            g = g.mul(_trust_ratio(w_norm, norm, trust_coefficient, eps, grad_norm))
         buf.mul_(momentum).add_(g)
         if nesterov:
             p.add_(g.add(buf, alpha=momentum), alpha=-lr)
@@ -225,16 +241,20 @@ def _multi_tensor_update(
     eps: float,
     nesterov: bool,
     lars_adaptation: bool,
+    trust_norm: str,
 ) -> None:
     # The same operations as _single_tensor_update, in the same order.
     for p, g, buf in by_device_and_dtype(params, grads, bufs):
+        grad_norms = (torch.stack(torch._foreach_norm(g))
+                      if lars_adaptation and trust_norm != "decayed_gradient" else None)
         if weight_decay != 0.0:
             g = torch._foreach_add(g, p, alpha=weight_decay)
         if lars_adaptation:
             # One small elementwise kernel for all the ratios of the bucket.
             w_norms = torch.stack(torch._foreach_norm(p))
-            g_norms = torch.stack(torch._foreach_norm(g))
-            ratios = _trust_ratio(w_norms, g_norms, trust_coefficient, eps)
+            norms = (torch.stack(torch._foreach_norm(g)) if grad_norms is None
+                     else grad_norms + weight_decay * w_norms)
+            ratios = _trust_ratio(w_norms, norms, trust_coefficient, eps, grad_norms)
             g = torch._foreach_mul(g, list(ratios.unbind(0)))
         torch._foreach_mul_(buf, momentum)
         torch._foreach_add_(buf, g)

@@ -1,8 +1,10 @@
 """Running a study: every cell of the grid as its own ``megabatch train`` process.
 
 Each run writes to ``OUT/runs/<method>/b<batch>-s<seed>/`` and is finished when
-its ``result.json`` exists, so an interrupted study continues where it stopped.
-``--parallel N`` runs N at once (several small models share one GPU well; on a
+its ``result.json`` exists, so an interrupted study continues where it stopped: an
+unfinished run resumes from its newest checkpoint (``megabatch train --resume``).
+The first seed of every cell runs before any second seed, so a study cut short
+still covers every cell. ``--parallel N`` runs N at once (several small models share one GPU well; on a
 CPU each gets cores / N threads). A diverged run is a result (the method failed
 at that batch), not an error; any other failure stops the study.
 """
@@ -46,29 +48,52 @@ def summarize(run: Run, folder: Path, diverged: bool, wall_time_s: float) -> dic
         "epochs": metrics[-1]["epoch"] if metrics else 0, "steps": steps,
         "final_top1": float("nan") if diverged or not tested else tested[-1],
         "best_top1": max(tested) if tested else float("nan"),
-        "diverged": diverged, "wall_time_s": round(wall_time_s, 1),
+        # A resumed run's own clock (fit carries it over), not just this attempt's.
+        "diverged": diverged, "wall_time_s": round(metrics[-1].get("wall_time_s", wall_time_s)
+                                                   if metrics else wall_time_s, 1),
         "images_per_s": round(steps * run.batch / trained_s, 1) if trained_s else 0.0,
         "curve": [m.get("test_top1") for m in metrics],
     }
 
 
+def first_seeds_first(grid: list[Run]) -> list[Run]:
+    """``grid`` reordered so that the n-th seed of every cell runs before any (n+1)-th."""
+    seen: dict[tuple[str, int], int] = {}
+    rank = []
+    for run in grid:
+        cell = (run.method.name, run.batch)
+        rank.append(seen.get(cell, 0))
+        seen[cell] = rank[-1] + 1
+    return [run for _, run in sorted(zip(rank, grid), key=lambda pair: pair[0])]
+
+
+def resumable(folder: Path) -> bool:
+    """Whether an unfinished run in ``folder`` has a checkpoint to continue from."""
+    return (folder / "recipe.toml").is_file() and any((folder / "checkpoints").glob("step-*.pt"))
+
+
 def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads: int) -> dict[str, Any]:
     folder = run_dir(out, run)
-    if folder.exists():  # an interrupted earlier attempt: start it again
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "megabatch", "train", "--recipe", run.method.recipe, "--out", str(folder)]
-    for assignment in spec.overrides(run):
-        cmd += ["--set", assignment]
+    log = folder.parent / f"{folder.name}.log"
+    if resumable(folder):  # an interrupted earlier attempt: continue it
+        cmd = [sys.executable, "-m", "megabatch", "train", "--resume", str(folder)]
+    else:
+        if folder.exists():  # interrupted before its first checkpoint: start again
+            shutil.rmtree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        log.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "megabatch", "train", "--recipe", run.method.recipe, "--out", str(folder)]
+        for assignment in spec.overrides(run):
+            cmd += ["--set", assignment]
     if data_dir:
         cmd += ["--data", data_dir]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    (folder.parent / f"{folder.name}.log").write_text(proc.stdout + proc.stderr)
+    with open(log, "a") as f:  # streamed, so a long run's progress can be followed
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
     if proc.returncode not in (0, 1):
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"study run {run.key} failed ({last}); see {folder.parent / (folder.name + '.log')}")
+        last = (log.read_text().strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"study run {run.key} failed ({last}); see {log}")
     result = summarize(run, folder, diverged=proc.returncode == 1, wall_time_s=time.perf_counter() - start)
     tmp = folder / ".result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -82,7 +107,7 @@ def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel:
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
     grid = spec.runs()
-    todo = [run for run in grid if read_result(out, run) is None]
+    todo = [run for run in first_seeds_first(grid) if read_result(out, run) is None]
     log(f"study {spec.name}: {len(grid)} runs ({len(grid) - len(todo)} already done in {out}), "
         f"{spec.epochs} epochs each, {parallel} at a time")
     threads = max(1, (os.cpu_count() or 1) // parallel)

@@ -72,6 +72,7 @@ class StudySpec:
     extra_seeds: tuple[int, ...] = ()
     extra_seeds_from: int = 0
     set: tuple[str, ...] = field(default=())
+    only_seeds: tuple[int, ...] = ()  # a reduced grid: just these seeds of each cell
 
     def runs(self) -> list[Run]:
         """The grid: every method at its batches, every seed (extra seeds at large batches)."""
@@ -82,7 +83,8 @@ class StudySpec:
                 batches = (max(self.batches),)
             for batch in batches:
                 seeds = method.seeds or self.seeds + (self.extra_seeds if batch >= self.extra_seeds_from else ())
-                grid += [Run(method, batch, seed) for seed in dict.fromkeys(seeds)]
+                grid += [Run(method, batch, seed) for seed in dict.fromkeys(seeds)
+                         if not self.only_seeds or seed in self.only_seeds]
         return grid
 
     def overrides(self, run: Run) -> list[str]:
@@ -109,9 +111,12 @@ def _check(table: dict[str, Any], allowed: dict[str, type], where: str) -> None:
             raise UserError(f"study spec key {where}{key} must be {allowed[key].__name__}, got {value!r}")
 
 
-def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] | None = None) -> StudySpec:
-    """Load a built-in spec or a TOML file; ``epochs``/``batches`` replace the spec's (a
-    reduced grid). Every method's recipe is loaded once to catch mistakes before running."""
+def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] | None = None,
+              seeds: list[int] | None = None, extra_set: list[str] = ()) -> StudySpec:
+    """Load a built-in spec or a TOML file; ``epochs``/``batches``/``seeds`` replace the
+    spec's (a reduced grid: ``seeds`` keeps, of every cell's seeds, those listed) and
+    ``extra_set`` is applied to every run after the spec's own overrides. Every method's
+    recipe is loaded once to catch mistakes before running."""
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         path = Path(name_or_path)
         if not path.is_file():
@@ -141,7 +146,8 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
         name=Path(name_or_path).stem, description=data.get("description", ""), methods=tuple(methods),
         batches=tuple(batches or data.get("batches", ())), epochs=epochs or data.get("epochs", 90),
         seeds=tuple(data.get("seeds", (0,))), extra_seeds=tuple(data.get("extra_seeds", ())),
-        extra_seeds_from=data.get("extra_seeds_from", 0), set=tuple(data.get("set", ())))
+        extra_seeds_from=data.get("extra_seeds_from", 0), set=(*data.get("set", ()), *extra_set),
+        only_seeds=tuple(seeds or ()))
     if not spec.batches:
         raise UserError(f"study spec {name_or_path} needs batches = [...]")
     names = {m.name for m in spec.methods}
