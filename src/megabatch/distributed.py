@@ -15,8 +15,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import inspect
+import ipaddress
 import os
 import re
+import socket
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +89,54 @@ def launch_environment(env: dict[str, str] | None = None) -> tuple[DistInfo, dic
     return info, extra
 
 
+def loopback_warning(info: DistInfo, env: Mapping[str, str], backend: str = "gloo",
+                     hostname: str | None = None) -> str | None:
+    """What to set when a run that spans several nodes would talk over loopback; None if fine.
+
+    Two ways it goes wrong on hosts whose name resolves to 127.0.0.1 (see
+    docs/multi-node.md): ``MASTER_ADDR`` (torchrun sets it from the rendezvous)
+    is a loopback address, so the other nodes cannot reach the store; or (gloo)
+    the host's name is, and gloo listens on loopback unless ``GLOO_SOCKET_IFNAME``
+    names the interface. (NCCL picks an interface other than ``lo`` itself;
+    ``NCCL_SOCKET_IFNAME`` chooses among several.) Only checked when the
+    launcher says the processes span more than one node.
+    """
+    if not (info.distributed and _spans_nodes(info, env)):
+        return None
+    hints = []
+    master = env.get("MASTER_ADDR", "")
+    host = socket.gethostname() if hostname is None else hostname
+    # This node's own name may resolve to loopback here and to its address elsewhere
+    # (Debian's 127.0.1.1): only the other nodes can tell, so that case is left alone.
+    own_name = master.split(".")[0].lower() == host.split(".")[0].lower() and master.lower() != "localhost"
+    if master and not own_name and _is_loopback(master):
+        hints.append(f"MASTER_ADDR={master} is a loopback address, which the other nodes cannot reach: under "
+                     f"torchrun give every node --local-addr=<its own address> and the first node "
+                     f"--rdzv-conf=is_host=1; under srun or mpirun export MASTER_ADDR=<the first node's address>")
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in env and _is_loopback(host):
+        hints.append(f"this host's name {host} resolves to a loopback address, so gloo would listen there: "
+                     f"export GLOO_SOCKET_IFNAME=<the network interface that joins the nodes, e.g. eth0>")
+    if not hints:
+        return None
+    return f"{info.world_size} processes on several nodes: " + "; ".join(hints) + " (see docs/multi-node.md)"
+
+
+def _spans_nodes(info: DistInfo, env: Mapping[str, str]) -> bool:
+    """Whether the launcher says that not all processes run on this node."""
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):  # torchrun, mpirun
+        if env.get(name, "").isdigit():
+            return int(env[name]) < info.world_size
+    return env.get("SLURM_NNODES", "1").isdigit() and int(env.get("SLURM_NNODES", "1")) > 1  # srun
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = socket.getaddrinfo(host, None)[0][4][0]
+    except (OSError, IndexError):  # unresolvable: init_process_group will say so
+        return False
+    return ipaddress.ip_address(address.split("%")[0]).is_loopback
+
+
 def setup(device_kind: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Start the process group when a launcher started several processes; pin this
     process to its GPU. Returns the (possibly single-process) DistInfo."""
@@ -95,6 +147,9 @@ def setup(device_kind: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     os.environ.setdefault("RANK", str(info.rank))
     os.environ.setdefault("WORLD_SIZE", str(info.world_size))
     use_cuda = torch.cuda.is_available() and device_kind != "cpu"
+    warning = loopback_warning(info, os.environ, "nccl" if use_cuda else "gloo")
+    if warning and info.local_rank == 0:  # once per node: a hang is what follows on the other nodes
+        print(f"megabatch: warning: {warning}", file=sys.stderr, flush=True)
     if use_cuda:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=info.rank,
