@@ -123,6 +123,18 @@ def test_full_disk_with_no_earlier_checkpoint_says_so(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_final_checkpoint_names_the_newest_step_checkpoint(tmp_path, monkeypatch):
+    step = checkpoint.save({"model": {}}, checkpoint.step_path(tmp_path / "checkpoints", 10))
+    final = checkpoint.save({"model": {}}, tmp_path / "final.pt")  # of an earlier, shorter run
+    monkeypatch.setattr(torch, "save", torch_save_on_full_tmpfs)
+    with pytest.raises(CheckpointWriteError, match=f"the last good checkpoint is {step};"):
+        checkpoint.save({"model": {}}, final)
+    step.unlink()
+    step.parent.rmdir()
+    with pytest.raises(CheckpointWriteError, match=r"the last good checkpoint is .*final\.pt \(its earlier version\)"):
+        checkpoint.save({"model": {}}, final)
+
+
 def test_errors_other_than_a_failed_write_are_raised_as_they_are(tmp_path, monkeypatch):
     def bug(obj, f):
         raise TypeError("cannot pickle this")

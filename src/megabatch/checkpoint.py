@@ -105,12 +105,14 @@ def _write_failure_message(path: Path, cause: BaseException) -> str:
 
 def _last_good(path: Path) -> str:
     """Which checkpoint survives beside ``path``: the newest step checkpoint of its folder
-    (or of its ``checkpoints/`` subfolder, where ``megabatch train`` writes them), or
-    ``path`` itself when an earlier version of it is there."""
+    (or of its ``checkpoints/`` subfolder, where ``megabatch train`` writes them), else
+    the earlier version of ``path`` itself."""
     for folder in (path.parent, path.parent / "checkpoints"):
-        found = [p for p in list_checkpoints(folder) if p != path] or ([path] if path.is_file() else [])
+        found = [p for p in list_checkpoints(folder) if p != path]
         if found:
             return f"the last good checkpoint is {found[-1]}"
+    if path.is_file():
+        return f"the last good checkpoint is {path} (its earlier version)"
     return f"no earlier checkpoint is in {path.parent}"
 
 
