@@ -186,4 +186,29 @@ DGX_H100 = Preset(
     input_images_per_sec_per_node=Figure(None, NO_INPUT_LIMIT),
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (MN1, BIGBASIN_P100, DGX1_V100, DGX_A100, DGX_H100)}
+ABCI_V100 = Preset(
+    name="abci-v100",
+    title="ABCI (AIST, 2018): 1,088 nodes x 4 V100 SXM2 (NVLink), 2 x InfiniBand EDR",
+    gpus=Figure(2048, "Yamazaki et al. 2019 (arXiv:1903.12650): 2,048 GPUs of ABCI"),
+    gpus_per_node=Figure(4, "ABCI system overview (AIST, abci.ai): 4 NVIDIA V100 SXM2 16 GB "
+                            "per compute node"),
+    images_per_sec_per_gpu=Figure(
+        1376.0, "NVIDIA DeepLearningExamples, MXNet ResNet-50 v1.5 README, training performance, "
+                "DGX-1, 1 x V100 16 GB, mixed precision, batch 192, mxnet-20.12"),
+    per_gpu_batch=Figure(40, "Yamazaki et al. 2019: 81,920 images over 2,048 GPUs"),
+    intra_node_gbps=_nvlink(6, 20.0, "SM70_NVLINK_BW"),
+    inter_node_gbps=Figure(2 * 100.0, "ABCI system overview: 2 x InfiniBand EDR 100 Gb/s per node"),
+    intra_latency_us=Figure(3.4, f"NVLink, {NCCL_TUNING}"),
+    latency_us=Figure(14.0, f"NET, {NCCL_TUNING}"),
+    memory_gbs=Figure(900, "V100 SXM2 datasheet"),
+    overlap=Figure(1.0, "Horovod all-reduces gradients as backward produces them (Sergeev and "
+                        "Del Balso 2018, arXiv:1802.05799)"),
+    comm_dtype=Figure("fp16", "mixed precision (Yamazaki et al. 2019); fp16 gradients on the "
+                              "wire not confirmed"),
+    allreduce=Figure("tree", "NCCL 2.4 (February 2019) added trees and picks them at this scale; "
+                             "the paper's algorithm is not confirmed here"),
+    input_images_per_sec_per_node=Figure(None, NO_INPUT_LIMIT),
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (MN1, BIGBASIN_P100, DGX1_V100, DGX_A100, DGX_H100,
+                                                  ABCI_V100)}

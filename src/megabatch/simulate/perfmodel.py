@@ -2,11 +2,16 @@
 
 One training step of ``p`` workers takes
 
-    step = max(compute + exposed all-reduce + overhead,  input time)
+    step = max(compute + exposed all-reduce + overhead + straggler,  input time)
     compute   = b / r                  (b images per worker, r images/s of one device alone)
-    exposed   = max(0, T_allreduce - overlap * backward),   backward = 2/3 * compute
+    exposed   = max(0, T_allreduce + o - overlap * backward),   backward = 2/3 * compute
     overhead  = per-step cost of distribution (packing/casting gradients), 0 when p = 1
+    straggler = cv * compute * E[max of p standard normals]   (the wait for the slowest worker)
     input     = images a node needs per step / images/s its input pipeline delivers
+
+``o`` is the software cost of one all-reduce call and ``cv`` the coefficient of variation
+of one worker's compute time per step: the model's two empirical parameters, fitted on
+published records in :mod:`~megabatch.simulate.fit`.
 
 and the all-reduce of ``n`` gradient bytes costs, with bandwidth ``B`` (bytes/s one
 way) and latency ``a`` (s) per step:
@@ -23,6 +28,9 @@ Across ``N`` nodes of ``g`` GPUs (docs/performance-model.md derives each one):
                   (with the node's whole bandwidth), chain-broadcast back
     2d-torus      reduce-scatter inside the node, g concurrent rings across the N
                   nodes on n/g bytes each (sharing the node's bandwidth), all-gather
+    tree          chain-reduce to one GPU per node, a pipelined binary tree over the
+                  N node leaders (NCCL's tree; SHARP reduces in the switches, shallower
+                  still), chain-broadcast back
 
 On one node every algorithm is the intra-node ring. Efficiencies compare
 throughputs computed with these same equations at 1 GPU and at 1 node.
@@ -32,9 +40,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
-ALGORITHMS = ("ring", "hierarchical", "2d-torus")
+ALGORITHMS = ("ring", "hierarchical", "2d-torus", "tree")
 EPOCH_BOUNDARIES = ("wrap", "partial", "drop")
 
 # Backward costs about twice the forward (two matrix products per layer instead of
@@ -65,6 +74,35 @@ def chain(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
     if ranks <= 1:
         return 0.0
     return nbytes / bandwidth + (ranks - 1) * latency
+
+
+def binary_tree(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
+    """Seconds for a pipelined all-reduce up and down a binary tree of ``ranks``: each
+    phase moves the whole buffer once (NCCL's two trees share the load) and fills the
+    pipeline in ``ceil(log2 ranks)`` hops."""
+    if ranks <= 1:
+        return 0.0
+    return 2 * (nbytes / bandwidth + math.ceil(math.log2(ranks)) * latency)
+
+
+@lru_cache(maxsize=None)
+def expected_max_normal(n: int) -> float:
+    """E[max of ``n`` independent standard normals]: the integral of x n phi(x) Phi(x)^(n-1)
+    by Simpson's rule on [-9, 9] (the density is nil beyond for n <= 10^8). 0 for n = 1;
+    1/sqrt(pi) for n = 2; below sqrt(2 ln n), the usual bound, for every n > 1."""
+    if n < 1:
+        raise ValueError(f"the expected maximum needs at least one draw, not {n}")
+    if n == 1:
+        return 0.0
+    steps, low, high = 3600, -9.0, 9.0
+    h = (high - low) / steps
+    total = 0.0
+    for i in range(steps + 1):
+        x = low + i * h
+        cdf = 0.5 * math.erfc(-x / math.sqrt(2))
+        density = n * math.exp(-x * x / 2) / math.sqrt(2 * math.pi) * cdf ** (n - 1)
+        total += (1 if i in (0, steps) else 4 if i % 2 else 2) * x * density
+    return total * h / 3
 
 
 @dataclass(frozen=True)
@@ -103,9 +141,10 @@ def allreduce_time(nbytes: float, gpus: int, net: Network, algorithm: str) -> fl
         return ring_allreduce(nbytes, gpus, min(net.intra_node_bw, net.inter_node_bw), latency)
     if gpus % per_node:
         raise ValueError(f"{algorithm} needs whole nodes: {gpus} GPUs is not a multiple of {per_node}")
-    if algorithm == "hierarchical":
+    if algorithm in ("hierarchical", "tree"):
         intra = chain(nbytes, per_node, net.intra_node_bw, net.intra_latency)
-        return 2 * intra + ring_allreduce(nbytes, nodes, net.inter_node_bw, net.inter_latency)
+        across = ring_allreduce if algorithm == "hierarchical" else binary_tree
+        return 2 * intra + across(nbytes, nodes, net.inter_node_bw, net.inter_latency)
     # 2d-torus: the node's g vertical rings run at once and share its bandwidth.
     intra = reduce_scatter(nbytes, per_node, net.intra_node_bw, net.intra_latency)
     vertical = ring_allreduce(nbytes / per_node, nodes, net.inter_node_bw / per_node,
@@ -133,6 +172,10 @@ class Workload:
     """Per-step cost of distribution, paid only when there is more than one GPU."""
     input_images_per_s_per_node: float | None = None
     """What a node's input pipeline delivers; None: never the limit."""
+    step_cv: float = 0.0
+    """Coefficient of variation of one worker's compute time per step (stragglers)."""
+    collective_overhead_s: float = 0.0
+    """Software cost of one all-reduce call (launch, negotiation), beside the wire time."""
 
 
 @dataclass(frozen=True)
@@ -141,13 +184,17 @@ class StepTime:
 
     compute_s: float
     allreduce_s: float
+    """Wire time plus the software cost of the call; what backward does not hide is exposed."""
     allreduce_exposed_s: float
     overhead_s: float
+    straggler_s: float
+    """Expected wait for the slowest worker beyond the mean compute time."""
     input_wait_s: float
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.allreduce_exposed_s + self.overhead_s + self.input_wait_s
+        return (self.compute_s + self.allreduce_exposed_s + self.overhead_s + self.straggler_s
+                + self.input_wait_s)
 
 
 def step_time(work: Workload, net: Network, gpus: int, algorithm: str,
@@ -157,14 +204,21 @@ def step_time(work: Workload, net: Network, gpus: int, algorithm: str,
     compute = images / work.images_per_s
     allreduce = allreduce_time(work.grad_bytes, gpus, net, algorithm)
     exposed = max(0.0, allreduce - work.overlap * BACKWARD_FRACTION * compute)
+    if gpus > 1:
+        # The step's last collective starts when backward ends: its software cost is
+        # never hidden, whatever the overlap.
+        allreduce += work.collective_overhead_s
+        exposed += work.collective_overhead_s
     overhead = work.overhead_s if gpus > 1 else 0.0
-    busy = compute + exposed + overhead
+    # Synchronous SGD starts the next step when the slowest of the workers is done.
+    straggler = work.step_cv * compute * expected_max_normal(gpus)
+    busy = compute + exposed + overhead + straggler
     input_wait = 0.0
     if work.input_images_per_s_per_node is not None:
         # The loader prefetches while the GPUs work, so it only costs what it lags.
         produce = min(gpus, net.gpus_per_node) * images / work.input_images_per_s_per_node
         input_wait = max(0.0, produce - busy)
-    return StepTime(compute, allreduce, exposed, overhead, input_wait)
+    return StepTime(compute, allreduce, exposed, overhead, straggler, input_wait)
 
 
 def throughput(work: Workload, net: Network, gpus: int, algorithm: str) -> float:
