@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from megabatch import checkpoint
-from megabatch.batching import BatchPlan
+from megabatch.batching import BatchPlan, epoch_order
 from megabatch.cli import main
 from megabatch.data import imagenet, tiny_imagenet
 from megabatch.errors import UserError
@@ -120,7 +120,7 @@ def test_both_decoders_substitute_the_same_image_in_training(tiny, tmp_path):
         source = imagenet.ImageFolderSource(samples, ["a", "b", "c"], SIZE, 40, decoder, workers=0)
         labels[decoder] = torch.cat([y for step in steps_of(source, BatchPlan.create(4, 4, 4)) for _, y in step])
         assert source.take_unreadable() == [samples[1][0]]
-    order = imagenet.epoch_order(0, 0, len(samples)).tolist()
+    order = epoch_order(0, 0, len(samples)).tolist()
     expected = [samples[2 if i == 1 else i][1] for i in order]  # file 1 -> file 2, label 1
     assert labels["pil"].tolist() == labels["device"].tolist() == expected
 
