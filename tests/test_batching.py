@@ -24,10 +24,24 @@ def test_automatic_micro_batch_holds_whole_workers_and_divides_the_share(global_
 
 def test_process_shares_are_disjoint_and_cover_the_global_batch():
     batch = torch.arange(256)
-    shares = [batch[BatchPlan.create(256, 32, 64, 4, rank).local_slice()] for rank in range(4)]
+    shares = [batch[part] for rank in range(4) for part in BatchPlan.create(256, 32, 32, 4, rank).micro_slices()]
     assert torch.equal(torch.cat(shares), batch)
     plan = BatchPlan.create(256, 32, 32, 4, 3)
-    assert [s.stop - s.start for s in plan.micro_slices()] == [32, 32]
+    assert [(s.start, s.stop) for s in plan.micro_slices()] == [(192, 224), (224, 256)]
+
+
+def test_an_epoch_is_cut_into_steps_of_micro_batches_once():
+    """BatchPlan.epoch: every step's micro-batches hold the next global batch of the order,
+    the last partial batch is dropped, and a resumed epoch starts at its step."""
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    steps = list(BatchPlan.create(256, 32, 64, 2, 1).epoch(order, epoch=3))
+    assert [s.iteration for s in steps] == [9, 10, 11] and all(s.epoch == 3 for s in steps)
+    for k, step in enumerate(steps):
+        assert step.position == 256 * k and step.global_batch == 256
+        assert [part for part, _ in step.micro_batches] == [slice(128, 192), slice(192, 256)]
+        assert torch.equal(torch.cat([i for _, i in step.micro_batches]), order[256 * k + 128:256 * (k + 1)])
+    resumed = list(BatchPlan.create(256, 32, 64, 2, 1).epoch(order, epoch=3, first_step=2))
+    assert len(resumed) == 1 and torch.equal(resumed[0].micro_batches[0][1], steps[2].micro_batches[0][1])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -23,7 +23,7 @@ from megabatch import checkpoint
 from megabatch.distributed import (DistInfo, accumulation, first_host, launch_environment,
                                    round_gradients, wrap_model)
 from megabatch.errors import UserError
-from megabatch.run import resume_state
+from megabatch.build import find_checkpoint
 
 DRIVER = str(Path(__file__).with_name("dist_driver.py"))
 # 2,048 images, 8 workers x 32 = 256 per step, 8 steps per epoch, 2 epochs; checkpoints every 3 steps.
@@ -31,7 +31,8 @@ RECIPE = ["--recipe", "fashion-mnist-demo", "--set", "data.train_subset=2048", "
           "--set", "batch.global_batch=256", "--set", "batch.micro_batch=64", "--set", "train.epochs=2",
           "--set", "train.checkpoint_every=3", "--set", "data.augment=true",
           "--set", "optimizer.alpha_center=0.5", "--set", "optimizer.alpha_period=1.0",
-          "--set", "schedule.boundaries=[1.0, 1.5, 1.8]", "--set", "train.comm_dtype=fp32"]
+          "--set", "schedule.boundaries=[1.0, 1.5, 1.8]", "--set", "train.comm_dtype=fp32",
+          "--set", "train.precision=fp32"]
 
 
 def torchrun(*args: str, processes: int = 2) -> list[str]:
@@ -201,9 +202,9 @@ def test_a_single_process_rounds_gradients_through_the_comm_dtype():
     model = nn.Linear(3, 1)
     model(torch.randn(5, 3)).sum().backward()
     exact = model.weight.grad.clone()
-    round_gradients(model, "fp32")
+    round_gradients(model, DistInfo(), "fp32")
     assert torch.equal(model.weight.grad, exact)
-    round_gradients(model, "fp16")
+    round_gradients(model, DistInfo(), "fp16")
     assert torch.equal(model.weight.grad, exact.half().float())
 
 
@@ -248,7 +249,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(two_process_run, tm
         kill_tree(proc.pid)
         proc.wait()
     assert not (out / "final.pt").exists()
-    killed_at = resume_state(out)["iteration"]
+    killed_at = find_checkpoint(out)["iteration"]
     assert 6 <= killed_at < 16
     assert proc.returncode == -signal.SIGKILL  # killed, not failed
 
@@ -264,6 +265,34 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(two_process_run, tm
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-7)
 
 
+def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_ends_like_an_uninterrupted_run(
+        two_process_run, tmp_path):
+    """A cluster's time limit: SIGTERM to torchrun and its workers mid-epoch. Every rank
+    finishes its step, rank 0 checkpoints, the run exits 75; --resume then ends equal."""
+    reference, _ = two_process_run
+    out = tmp_path / "stopped"
+    env = {**os.environ, "MEGABATCH_TEST_SLOW_AFTER": "4"}
+    proc = subprocess.Popen(torchrun("train", *RECIPE, "--out", str(out)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step-00000006.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before the signal"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc.pid)
+    assert "stopped by a signal" in err and "megabatch train --resume" in err
+    assert not (out / "final.pt").exists()
+    stopped_at = find_checkpoint(out)["iteration"]
+    assert 7 <= stopped_at < 16
+
+    result = run_ok(torchrun("train", "--resume", str(out)))
+    assert f"iteration {stopped_at}" in result.stdout
+    assert_same_model(final_state(reference), final_state(out))
+
+
 def test_truncated_newest_checkpoint_is_skipped(tmp_path):
     folder = tmp_path / "checkpoints"
     for it in (3, 6):
@@ -271,7 +300,7 @@ def test_truncated_newest_checkpoint_is_skipped(tmp_path):
     newest = checkpoint.step_path(folder, 6)
     newest.write_bytes(newest.read_bytes()[:100])
     notes = []
-    assert resume_state(tmp_path, notes.append)["iteration"] == 3
+    assert find_checkpoint(tmp_path, notes.append)["iteration"] == 3
     assert "skipping step-00000006.pt" in notes[0]
 
 

@@ -5,8 +5,7 @@ import math
 import pytest
 
 from megabatch import recipe as recipes
-from megabatch.schedules import (alpha_sgd, epoch_settings, goyal_lr, piecewise_lr, polynomial_lr,
-                                  recipe_values, slow_start_lr)
+from megabatch.schedules import alpha_sgd, epoch_settings, piecewise_lr, polynomial_lr, recipe_values
 
 
 @pytest.mark.parametrize("epoch, expected", [
@@ -14,11 +13,12 @@ from megabatch.schedules import (alpha_sgd, epoch_settings, goyal_lr, piecewise_
     (85.0, 0.0128), (89.99, 0.0128),
 ])
 def test_slow_start_at_32k_matches_paper_table(epoch, expected):
-    assert slow_start_lr(epoch, base_lr=0.1 * 32768 / 256) == pytest.approx(expected, rel=1e-12)
+    """What the trainer computes for the paper's recipe: eta_base = 0.1 * 32768 / 256."""
+    assert recipe_values(recipes.load("paper-resnet50-imagenet-32k"), epoch)[0] == pytest.approx(expected, rel=1e-12)
 
 
-def test_slow_start_boundaries_and_factors_are_overridable():
-    lr = [slow_start_lr(e, 2.0, boundaries=(1.0, 2.0), factors=(1.0, 0.5, 0.25)) for e in (0.5, 1.5, 2.5)]
+def test_piecewise_boundaries_and_factors():
+    lr = [piecewise_lr(e, 2.0, boundaries=(1.0, 2.0), factors=(1.0, 0.5, 0.25)) for e in (0.5, 1.5, 2.5)]
     assert lr == [2.0, 1.0, 0.5]
 
 
@@ -54,7 +54,8 @@ def test_alpha_sgd_center_and_period():
     (0.0, 0.1), (2.5, (0.1 + 3.2) / 2), (5.0, 3.2), (29.9, 3.2), (30.0, 0.32), (60.0, 0.032), (80.0, 0.0032),
 ])
 def test_goyal_warmup_then_steps(epoch, expected):
-    assert goyal_lr(epoch, base_lr=3.2, small_batch_lr=0.1) == pytest.approx(expected, rel=1e-12)
+    """Goyal et al. at 8k: linear warm-up from 0.1 to 3.2 over 5 epochs, then /10 at 30, 60, 80."""
+    assert recipe_values(recipes.load("goyal-resnet50-imagenet-8k"), epoch)[0] == pytest.approx(expected, rel=1e-12)
 
 
 def test_piecewise_rejects_inconsistent_arguments():

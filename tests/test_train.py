@@ -14,16 +14,17 @@ from megabatch.batching import epoch_order
 from megabatch.cli import main
 from megabatch.nn import batch_norm_layers
 from megabatch.progress import Progress
-from megabatch.run import build_optimizer, checkpoint_state, configure_backends, start_run
+from megabatch.build import build_optimizer, build_run, configure_backends
 from megabatch.train import set_hyperparameters, train_one_epoch
 from megabatch.schedules import recipe_values
 
-SMALL = ["data.train_subset=1024", "data.test_subset=500", "train.epochs=1", "train.comm_dtype=fp32"]
+SMALL = ["data.train_subset=1024", "data.test_subset=500", "train.epochs=1", "train.comm_dtype=fp32",
+         "train.precision=fp32"]  # the demo computes in bf16 where the CPU has it: these compare in fp32
 
 
 def quiet_run(tmp_path, overrides, data_dir=None):
     recipe = recipes.load("fashion-mnist-demo", SMALL + overrides)
-    return start_run(recipe, data_dir, tmp_path, Progress(1, 1, enabled=False))
+    return build_run(recipe, data_dir, tmp_path, Progress(1, 1, enabled=False))
 
 
 def state_of(model):
@@ -98,7 +99,7 @@ def test_emulated_workers_equal_separate_workers(tmp_path, fashion_dir, float64)
 def test_paper_scale_1024_workers_run_with_memory_bounded_by_micro_batch(tmp_path, fashion_dir):
     recipe = recipes.load("fashion-mnist-paper", ["batch.global_batch=32768", "batch.micro_batch=512",
                                                   "train.max_steps=1", "train.epochs=1"])
-    run = start_run(recipe, None, tmp_path, Progress(1, 1, enabled=False))
+    run = build_run(recipe, None, tmp_path, Progress(1, 1, enabled=False))
     assert (run.plan.workers, run.plan.micro_batches) == (1024, 64)
     seen = []
     run.model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[0]))
@@ -173,7 +174,7 @@ def test_mixed_precision_trains_and_checkpoints_its_scaler(tmp_path, fashion_dir
     assert run.iteration == 3 and metrics["train_loss"] < 2.5
     assert not torch.equal(before["0.weight"], run.model.state_dict()["0.weight"])
     assert run.model.state_dict()["0.weight"].dtype == torch.float32  # master weights stay fp32
-    state = checkpoint_state(run, 0)
+    state = run.state_dict(0)
     assert ("scaler" in state) == (precision == "fp16")
     if precision == "fp16":
         assert state["scaler"]["scale"] > 0
@@ -200,3 +201,52 @@ def test_cuda_runs_autotune_cudnn_unless_the_recipe_says_no(monkeypatch):
     assert torch.backends.cudnn.benchmark is True
     configure_backends(torch.device("cuda"), recipes.load("fashion-mnist-demo", ["train.cudnn_benchmark=false"]))
     assert torch.backends.cudnn.benchmark is False
+
+
+def test_tensorboard_event_files_hold_the_logged_metrics(tmp_path, capsys, fashion_dir):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), "--set", "train.tensorboard=true",
+                 "--set", "data.train_subset=512", "--set", "data.test_subset=200", "--set", "train.epochs=2",
+                 "--set", "batch.global_batch=32", "--set", "train.precision=fp32"]) == 0
+    assert "global batch 32 = 1 worker x 32 images; 1 process x 1 emulated worker" in capsys.readouterr().out
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "lr", "alpha_sgd", "images_per_s", "test_top1", "test_loss"} <= tags
+    assert len(events.Scalars("train_loss")) == 2 * 16  # every step
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = events.Scalars("test_top1")
+    assert [e.step for e in logged] == [m["iteration"] for m in metrics]
+    assert [e.value for e in logged] == pytest.approx([m["test_top1"] for m in metrics], rel=1e-6)
+
+
+def test_noise_scale_is_measured_without_changing_training(tmp_path, fashion_dir, float64):
+    results, noise = [], None
+    for on in (False, True):
+        run = quiet_run(tmp_path / str(on), ["batch.global_batch=256", "batch.micro_batch=64", "train.max_steps=4",
+                                             f"train.noise_scale={str(on).lower()}"])
+        train_one_epoch(run, 0)
+        results.append(state_of(run.model))
+        noise = run.noise
+    for key, value in results[0].items():
+        assert torch.equal(results[1][key], value), key  # the measurement changes no bit
+    assert noise.updates == 4 and noise.grad_sq_norm > 0 and noise.trace_sigma > 0
+    assert 1.0 < noise.noise_scale < 1e5
+
+
+def test_diverged_run_with_step_checkpoints_names_one_that_resumes(tmp_path, capsys, fashion_dir):
+    """The weights go non-finite one step before the loss does: that step is never
+    saved, and the checkpoint the message names evaluates and resumes."""
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), "--set", "train.checkpoint_every=1",
+                 "--set", "data.train_subset=1024", "--set", "data.test_subset=200", "--set", "batch.global_batch=256",
+                 "--set", "train.epochs=3", "--set", "optimizer.name=sgd", "--set", "schedule.boundaries=[1.0]",
+                 "--set", "schedule.factors=[0.01, 1e30]", "--set", "train.precision=fp32"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training diverged" in err and "at epoch 2" in err
+    named = err.split("the last good checkpoint is ")[1].split(";")[0]
+    assert named == str(checkpoint.list_checkpoints(out / "checkpoints")[-1])
+    for path in checkpoint.list_checkpoints(out / "checkpoints"):
+        checkpoint.load(path, require_finite=True)  # no checkpoint with a non-finite weight was written
+    assert main(["eval", "--checkpoint", named]) == 0

@@ -10,6 +10,7 @@ workers and ``P`` processes emulating ``W/P`` each see the same images.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -77,13 +78,31 @@ class BatchPlan:
                             f"{dataset_size} training images: lower batch.global_batch")
         return steps
 
-    def local_slice(self) -> slice:
-        """This process's share of a global batch."""
-        return slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-
     def micro_slices(self) -> list[slice]:
-        """The micro-batches of this process's share, relative to the share."""
-        return [slice(i, i + self.micro_batch) for i in range(0, self.local_batch, self.micro_batch)]
+        """This process's micro-batches, as places in the global batch."""
+        start = self.rank * self.local_batch
+        return [slice(start + i, start + i + self.micro_batch) for i in range(0, self.local_batch, self.micro_batch)]
+
+    def epoch(self, order: torch.Tensor, epoch: int, first_step: int = 0) -> Iterator["StepIndices"]:
+        """The steps of an epoch from ``first_step``, each cut into this process's
+        micro-batches of image indices: the one place where batches are sliced."""
+        steps = self.steps_per_epoch(len(order))
+        for step in range(first_step, steps):
+            start = step * self.global_batch
+            yield StepIndices(epoch, epoch * steps + step, start, self.global_batch,
+                              tuple((part, order[start + part.start:start + part.stop])
+                                    for part in self.micro_slices()))
+
+
+@dataclass(frozen=True)
+class StepIndices:
+    """One optimizer step of this process: which images each of its micro-batches holds."""
+
+    epoch: int
+    iteration: int  # optimizer steps since the start of training
+    position: int  # place of the global batch's first image in the epoch's order
+    global_batch: int
+    micro_batches: tuple[tuple[slice, torch.Tensor], ...]  # (place in the global batch, image indices)
 
 
 def epoch_order(seed: int, epoch: int, dataset_size: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 One process measures:
 
 * the train step: megabatch's own :func:`~megabatch.train.train_step` on a Run that
-  :func:`~megabatch.run.start_run` builds from the paper's recipe (emulated workers, ghost
+  :func:`~megabatch.build.build_run` builds from the paper's recipe (emulated workers, ghost
   BN, RMSprop warm-up, fp16 gradient rounding), on synthetic images already on the device,
   for each precision x memory format (x torch.compile of the fastest), beside a plain
   PyTorch loop (torchvision ResNet-50, fp32, NCHW, eager, nn.BatchNorm2d, SGD): the
@@ -169,21 +169,21 @@ def megabatch_run(s: Settings, config: Config, per_worker: int, out: Path, jpegs
     from megabatch import bench_input, recipe as recipes
     from megabatch.data.images import ImageTensors
     from megabatch.progress import Progress
-    from megabatch.run import start_run
+    from megabatch.build import build_run
     from megabatch.schedules import recipe_values
     from megabatch.train import set_hyperparameters
 
     b = s.batch
-    overrides = [f"batch.global_batch={b}", f"batch.micro_batch={b}", f"batch.per_worker_batch={per_worker}",
-                 f"train.precision={config.precision}", f"train.memory_format={config.memory_format}",
-                 f"train.compile={str(config.compile).lower()}", f"train.device={s.device.split(':')[0]}"]
+    values = {"batch.global_batch": b, "batch.micro_batch": b, "batch.per_worker_batch": per_worker,
+              "train.precision": config.precision, "train.memory_format": config.memory_format,
+              "train.compile": config.compile, "train.device": s.device.split(":")[0]}
     if jpegs is None:
-        overrides += ["data.dataset=synthetic", f"data.synthetic_size=[{2 * b}, {b}, {s.image_size}, 3, 1000]"]
+        values.update({"data.dataset": "synthetic", "data.synthetic_size": [2 * b, b, s.image_size, 3, 1000]})
     else:
-        overrides += [f"data.image_size={s.image_size}", f"data.resize_size={bench_input.resize_size(s.image_size)}",
-                      f"data.decoder={jpegs[1]}", f"data.workers={jpegs[2]}"]
-    recipe = recipes.load(RECIPE, overrides)
-    run = start_run(recipe, str(jpegs[0]) if jpegs else None, out, Progress(1, 1, enabled=False))
+        values.update({"data.image_size": s.image_size, "data.resize_size": bench_input.resize_size(s.image_size),
+                       "data.decoder": jpegs[1], "data.workers": jpegs[2]})
+    recipe = recipes.load(RECIPE, values=values)
+    run = build_run(recipe, str(jpegs[0]) if jpegs else None, out, Progress(1, 1, enabled=False))
     d = run.train_data
     if jpegs is None:  # time the step, not host-to-device copies
         run.train_data = ImageTensors(d.images.to(run.device), d.labels.to(run.device), d.mean, d.std, d.classes)
@@ -202,7 +202,7 @@ def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpeg
     feed = bench_input.steps(run.train_data, run.plan, run.device, run.recipe.data.augment, run.recipe.train.seed)
     losses = []
     # Compilation happens in the first calls: never timed.
-    result = measure(lambda: losses.append(train_step(run, next(feed))), s, s.batch,
+    result = measure(lambda: losses.append(train_step(run, next(feed)).loss), s, s.batch,
                      max(s.warmup, 2) if config.compile else None)
     feed.close()
     bad = sum(not loss == loss or abs(loss) == float("inf") for loss in losses)

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from megabatch.batching import BatchPlan
+from megabatch.batching import BatchPlan, epoch_order
 from megabatch.data import imagenet, tiny_imagenet
 from megabatch.errors import UserError
 
@@ -67,7 +67,8 @@ def steps(source, plan: BatchPlan, device: torch.device, augment: bool = True,
     """The micro-batches of every training step of ``source`` (ImageTensors or an
     ImageFolderSource), epoch after epoch; ``close()`` it to stop a loader's workers."""
     for epoch in itertools.count():
-        yield from source.training_steps(epoch, 0, plan, seed, augment, device)
+        yield from source.training_batches(plan.epoch(epoch_order(seed, epoch, len(source)), epoch),
+                                           seed, augment, device)
 
 
 @dataclass(frozen=True)

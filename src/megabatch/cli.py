@@ -7,9 +7,7 @@ diverged run); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 from megabatch import __version__
@@ -19,62 +17,29 @@ from megabatch.simulate.command import configure_parser as configure_simulate
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from megabatch import distributed, recipe as recipes
-    from megabatch.run import resume_state, start_run
-    from megabatch.train import fit
+    from megabatch.build import train
 
-    if args.resume:
-        if args.recipe or args.set or args.out:
-            raise UserError("--resume RUN_DIR continues that run with its own recipe.toml: "
-                            "drop --recipe, --set and --out")
-        out = Path(args.resume)
-        if not (out / "recipe.toml").is_file():
-            raise UserError(f"{out} is not a run directory (no recipe.toml)")
-        recipe = recipes.load(str(out / "recipe.toml"))
-    elif args.recipe:
-        recipe = recipes.load(args.recipe, args.set)
-        stem = Path(recipe.name).stem if recipe.name.endswith(".toml") else recipe.name
-        out = Path(args.out) if args.out else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    else:
-        raise UserError("give --recipe NAME (a new run) or --resume RUN_DIR (continue one)")
-    info = distributed.setup(recipe.train.device)
-    out = distributed.same_on_all_ranks(out, info)  # rank 0's default name, should clocks differ
-    # torchrun --max-restarts starts the same command again: continue, don't start over.
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    state = None
-    if args.resume or restarted:
-        state = resume_state(out, log=lambda m: info.is_main and print(m, file=sys.stderr))
-        if state is None and args.resume:
-            raise UserError(f"{out} holds no complete checkpoint to resume from")
-        if state is None and info.is_main:  # restarted before the first checkpoint: start over
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    elif (out / "metrics.jsonl").exists():
-        raise UserError(f"{out} already holds a run: choose another --out folder, or continue it "
-                        f"with --resume {out}")
-    try:
-        fit(start_run(recipe, args.data, out, dist=info, state=state))
-    except BaseException:
-        distributed.teardown(info, clean=False)
-        raise
-    distributed.teardown(info)
+    train(args.recipe, args.set, args.resume, args.out, args.data)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from megabatch import checkpoint
+    from megabatch.build import AUTOCAST_DTYPES, build_model, memory_format, resolve_device, resolve_recipe
     from megabatch.data import load_datasets
     from megabatch.recipe import from_dict
-    from megabatch.run import build_model, memory_format, resolve_device
     from megabatch.train import evaluate
 
-    state = checkpoint.load(args.checkpoint)
-    recipe = from_dict(state["recipe"])
-    device = resolve_device(args.device or recipe.train.device)
+    state = checkpoint.load(args.checkpoint, require_finite=True)
+    saved = from_dict(state["recipe"])
+    device = resolve_device(args.device or saved.train.device)
+    recipe = resolve_recipe(saved, device)
     _, test = load_datasets(recipe.data, args.data, device.type)
     model = build_model(recipe, test.channels, len(test.classes), device)
     model.load_state_dict(state["model"])
     result = evaluate(model, test, device, batch_size=max(recipe.batch.micro_batch, 256),
-                      layout=memory_format(device, recipe.train.memory_format), precision=recipe.train.precision)
+                      layout=memory_format(device, recipe.train.memory_format),
+                      autocast_dtype=AUTOCAST_DTYPES[recipe.train.precision])
     print(f"{args.checkpoint}: {recipe.name} after {state['iteration']} steps: "
           f"top-1 {result['test_top1']:.2f}%  top-5 {result['test_top5']:.2f}%  "
           f"loss {result['test_loss']:.4f}  ({len(test)} test images)")
@@ -176,6 +141,12 @@ def _integers(text: str | None, flag: str) -> list[int] | None:
         raise UserError(f"{flag} {text!r} must be comma-separated integers") from None
 
 
+def cmd_noise_scale(args: argparse.Namespace) -> int:
+    from megabatch.noise_command import run
+
+    return run(args)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from megabatch.simulate.command import run
 
@@ -238,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value in every run, after the spec's own (repeatable)")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("noise-scale", help="measure the gradient noise scale (the critical batch) of a recipe's model")
+    from megabatch.noise_command import configure_parser as configure_noise
+
+    configure_noise(p)
+    p.set_defaults(func=cmd_noise_scale)
 
     p = sub.add_parser("simulate", help="predict time and scaling efficiency on a cluster")
     configure_simulate(p)

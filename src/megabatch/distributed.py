@@ -31,7 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megabatch.errors import UserError
 
-COMM_DTYPES = ("fp32", "fp16", "bf16")
+# The dtype gradients travel in (a recipe's train.comm_dtype); DDP's own hook compresses
+# to it (default_hooks.fp16_compress_hook, bf16_compress_hook).
+COMM_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,6 @@ def wrap_model(model: nn.Module, info: DistInfo, comm_dtype: str) -> nn.Module:
     statistics, and :func:`megabatch.nn.average_bn_stats` averages them before
     evaluation and checkpoints.
     """
-    if comm_dtype not in COMM_DTYPES:
-        raise UserError(f"comm_dtype {comm_dtype!r} is not one of {', '.join(COMM_DTYPES)}")
     if not info.distributed:
         return model
     device = next(model.parameters()).device
@@ -185,10 +185,8 @@ def wrap_model(model: nn.Module, info: DistInfo, comm_dtype: str) -> nn.Module:
                       else {"broadcast_buffers": False})
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   gradient_as_bucket_view=True, **no_buffer_sync)
-    if comm_dtype == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif comm_dtype == "bf16":
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    if COMM_DTYPES[comm_dtype] is not None:
+        ddp.register_comm_hook(None, getattr(default_hooks, f"{comm_dtype}_compress_hook"))
     return ddp
 
 
@@ -209,18 +207,18 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def accumulation(net: nn.Module, last: bool):
     """The context of one micro-batch's backward pass: DDP all-reduces only after the
     last micro-batch of a step (``no_sync`` before), so once per step."""
-    net = getattr(net, "_orig_mod", net)  # under torch.compile
     if isinstance(net, DistributedDataParallel) and not last:
         return net.no_sync()
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def round_gradients(model: nn.Module, comm_dtype: str) -> None:
+def round_gradients(model: nn.Module, info: DistInfo, comm_dtype: str) -> None:
     """Alone (no all-reduce), still pass the gradients through ``comm_dtype`` as DDP's
-    compression hook would, so a single process sees the same rounding."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(comm_dtype)
-    if dtype is None:
+    compression hook would, so a single process sees the same rounding; under DDP the
+    hook has done it."""
+    dtype = COMM_DTYPES[comm_dtype]
+    if dtype is None or info.distributed:
         return
     for p in model.parameters():
         if p.grad is not None:

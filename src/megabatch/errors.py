@@ -31,3 +31,11 @@ class CheckpointWriteError(UserError):
     partial is left behind. Exit status 1: the input was fine, the disk was not."""
 
     exit_code = 1
+
+
+class Preempted(UserError):
+    """SIGTERM or SIGUSR1 (a cluster's time limit, preemption) stopped the run after a
+    finished step and a checkpoint: ``megabatch train --resume`` continues it exactly.
+    Exit status 75 (EX_TEMPFAIL: try again), for job scripts that requeue themselves."""
+
+    exit_code = 75

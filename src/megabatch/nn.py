@@ -28,12 +28,13 @@ import contextlib
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-BN_MODES = ("moving_average", "last_batch")
+from megabatch.distributed import DistInfo, all_reduce_mean
+
+BN_MOMENTUM = {"last_batch": 1.0, "moving_average": 0.1}  # a recipe's model.bn: PyTorch's momentum
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -143,14 +144,11 @@ def use_last_batch_stats(model: nn.Module) -> nn.Module:
 
 
 def set_bn_mode(model: nn.Module, mode: str) -> nn.Module:
-    """Apply a recipe's ``bn`` setting: "last_batch" or "moving_average" (PyTorch's 0.1)."""
-    if mode == "last_batch":
-        return use_last_batch_stats(model)
-    if mode == "moving_average":
-        for layer in batch_norm_layers(model):
-            layer.momentum = 0.1
-        return model
-    raise ValueError(f"unknown bn mode {mode!r}; choose one of {BN_MODES}")
+    """Apply a recipe's ``bn`` setting: "last_batch" (momentum 1, :func:`use_last_batch_stats`)
+    or "moving_average" (PyTorch's default momentum 0.1)."""
+    for layer in batch_norm_layers(model):
+        layer.momentum = BN_MOMENTUM[mode]
+    return model
 
 
 @contextlib.contextmanager
@@ -185,19 +183,15 @@ def step_statistics(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def average_bn_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+def average_bn_stats(model: nn.Module, info: DistInfo) -> None:
     """Average every BN layer's stored mean and variance over all processes
     (one fp32 all-reduce), so evaluation and checkpoints agree on every rank.
-    A no-op outside ``torch.distributed`` or with one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return
+    A no-op with one process."""
     layers = batch_norm_layers(model)
-    if not layers:
+    if not info.distributed or not layers:
         return
     stats = [t for m in layers for t in (m.running_mean, m.running_var)]
-    flat = torch.cat([t.float().flatten() for t in stats])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat /= dist.get_world_size(group)
+    flat = all_reduce_mean(torch.cat([t.float().flatten() for t in stats]), info)
     offset = 0
     for t in stats:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))

@@ -2,7 +2,9 @@
 
 A recipe file has a top-level ``description`` (and optionally ``base``, the
 name of a recipe it extends) and one table per component below. Every key is
-checked: an unknown key or a value of the wrong type is a one-line
+checked against its type, which carries the allowed values (``Literal``) and the
+valid range of numbers (``Annotated[int, AtLeast(1)]``): an unknown key, a value
+of the wrong type, outside its choices or its range is a one-line
 :class:`~megabatch.errors.UserError` naming the key. ``--set section.key=value``
 overrides any value after loading.
 
@@ -14,26 +16,56 @@ rate is given per 256 images and multiplied by ``global_batch / 256``
 from __future__ import annotations
 
 import dataclasses
-import sys
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+from megabatch import tomlfile
 from megabatch.errors import UserError
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid interval of a numeric recipe key, written in its type:
+    ``Annotated[float, Range(0, 1, high_open=True)]`` is [0, 1)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:  # False for NaN
+        return ((self.low is None or (value > self.low if self.low_open else value >= self.low))
+                and (self.high is None or (value < self.high if self.high_open else value <= self.high)))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def AtLeast(low: float) -> Range:  # noqa: N802 (reads as a type)
+    return Range(low)
+
+
+def Above(low: float) -> Range:  # noqa: N802
+    return Range(low, low_open=True)
+
+
+Count = Annotated[int, AtLeast(0)]
+Positive = Annotated[int, AtLeast(1)]
+NonNegative = Annotated[float, AtLeast(0.0)]
+Fraction = Annotated[float, Range(0.0, 1.0, high_open=True)]
+Arch = Literal["small-cnn", "resnet18", "resnet50"]
+BNMode = Literal["moving_average", "last_batch"]
+CommDtype = Literal["fp32", "fp16", "bf16"]
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "small-cnn"
+    arch: Arch = "small-cnn"
     """Architecture: "small-cnn" (28x28 images), "resnet18" or "resnet50" (torchvision)."""
-    bn: str = "moving_average"
+    bn: BNMode = "moving_average"
     """Evaluation statistics of batch norm: "moving_average" (PyTorch's default,
     momentum 0.1) or "last_batch" (the paper: last step's statistics, averaged over workers)."""
     zero_init_residual: bool = False
@@ -42,7 +74,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "synthetic", "imagenet"] = "fashion-mnist"
     """"fashion-mnist" (real data, idx files), "synthetic" (random images, for smoke tests)
     or "imagenet" (the folder layout train/<class>/*.JPEG, val/<class>/*.JPEG)."""
     path: str = ""
@@ -50,31 +82,31 @@ class DataConfig:
     ImageNet has none). The command line's --data DIR overrides it."""
     augment: bool = False
     """Random horizontal flip and translation by up to 2 pixels of the training images."""
-    train_subset: int = 0
+    train_subset: Count = 0
     """Train on the first N training images only (0 = all): for quick runs and tests."""
-    test_subset: int = 0
+    test_subset: Count = 0
     """Evaluate on the first N test images only (0 = all)."""
-    synthetic_size: list[int] = field(default_factory=lambda: [4096, 1024, 28, 1, 10])
+    synthetic_size: list[Positive] = field(default_factory=lambda: [4096, 1024, 28, 1, 10])
     """Synthetic data only: train images, test images, image size, channels, classes."""
-    image_size: int = 224
+    image_size: Annotated[int, AtLeast(8)] = 224
     """ImageNet: side of the training crop and of the evaluation center crop."""
-    resize_size: int = 256
+    resize_size: Annotated[int, AtLeast(8)] = 256
     """ImageNet: evaluation images are resized to this shorter side before the center crop."""
-    decoder: str = "auto"
+    decoder: Literal["auto", "pil", "device"] = "auto"
     """ImageNet: "pil" (DataLoader workers decode on the CPU), "device" (workers read bytes, JPEGs
     are decoded in batches on the training device: nvJPEG on a GPU) or "auto" (device on CUDA)."""
-    workers: int = 6
+    workers: Count = 6
     """ImageNet: DataLoader worker processes per training process, at most the CPU count
     (0 = in the main process)."""
 
 
 @dataclass
 class BatchConfig:
-    global_batch: int = 128
+    global_batch: Positive = 128
     """Images per optimizer step, over all workers."""
-    per_worker_batch: int = 32
+    per_worker_batch: Annotated[int, AtLeast(2)] = 32
     """Images per worker: each worker's batch-norm statistics come from this many images."""
-    micro_batch: int = 0
+    micro_batch: Count = 0
     """Images per forward pass on one device, a multiple of per_worker_batch. A memory and
     speed knob only: it changes the result only by floating-point rounding. 0 = automatic:
     at most 1024 images on a GPU and 256 on a CPU (where smaller passes stay in cache:
@@ -84,30 +116,30 @@ class BatchConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"
+    name: Literal["sgd", "rmsprop_warmup", "lars"] = "sgd"
     """"sgd" (momentum SGD), "rmsprop_warmup" (the paper's RMSprop warm-up) or "lars"
     (You et al. 2017: layer-wise trust ratio on top of momentum SGD)."""
-    lr_per_256: float = 0.1
+    lr_per_256: Annotated[float, Above(0.0)] = 0.1
     """Learning rate for 256 images; the run uses lr_per_256 * global_batch / 256."""
-    momentum: float = 0.9
+    momentum: Fraction = 0.9
     """Momentum (mu1 in the paper)."""
-    weight_decay: float = 1e-4
+    weight_decay: NonNegative = 1e-4
     """L2 weight decay, added to the gradient."""
     no_decay_bn_bias: bool = False
     """No weight decay on batch-norm parameters and biases."""
-    rms_decay: float = 0.99
+    rms_decay: Fraction = 0.99
     """rmsprop_warmup: decay of the squared-gradient average (mu2)."""
-    eps: float = 1e-8
+    eps: NonNegative = 1e-8
     """rmsprop_warmup: added to the root mean square."""
-    rmsprop_lr: float = 3e-4
+    rmsprop_lr: NonNegative = 3e-4
     """rmsprop_warmup: learning rate of the RMSprop phase (eta_RMSprop, not scaled by batch)."""
-    alpha_center: float = 10.0
+    alpha_center: NonNegative = 10.0
     """rmsprop_warmup: epoch at which alpha_sgd reaches 0.5 (beta_center)."""
-    alpha_period: float = 5.0
+    alpha_period: Annotated[float, Above(0.0)] = 5.0
     """rmsprop_warmup: length of the RMSprop-to-SGD transition in epochs (beta_period)."""
-    trust_coefficient: float = 0.001
+    trust_coefficient: Annotated[float, Above(0.0)] = 0.001
     """lars: the trust coefficient eta of the layer-wise learning rate."""
-    trust_norm: str = "gradient_plus_decay"
+    trust_norm: Literal["gradient_plus_decay", "decayed_gradient"] = "gradient_plus_decay"
     """lars: the trust ratio's denominator: "gradient_plus_decay" (||grad|| + weight_decay ||w||:
     You et al.'s Algorithm 1, the MLPerf reference, timm) or "decayed_gradient" (the norm of
     the decayed gradient, as MoCo v3 and MAE compute it)."""
@@ -115,24 +147,24 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    boundaries: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])
+    boundaries: list[NonNegative] = field(default_factory=lambda: [30.0, 60.0, 80.0])
     """Epochs at which the learning-rate factor changes."""
-    factors: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01, 0.001])
+    factors: list[NonNegative] = field(default_factory=lambda: [1.0, 0.1, 0.01, 0.001])
     """Multiple of the base learning rate in each interval (one more than boundaries).
     The paper's slow start is [0.5, 0.075, 0.01, 0.001] at [40, 70, 85]."""
-    warmup_epochs: float = 0.0
+    warmup_epochs: NonNegative = 0.0
     """Linear warm-up from lr_per_256 (the small-batch rate) to the first phase over this
     many epochs (Goyal et al.: 5). 0 = none."""
-    kind: str = "piecewise"
+    kind: Literal["piecewise", "polynomial"] = "piecewise"
     """"piecewise" (factors between boundaries) or "polynomial" (base * (1 - e/epochs)^power
     after the warm-up, as used with LARS)."""
-    power: float = 2.0
+    power: NonNegative = 2.0
     """Exponent of the polynomial decay."""
-    unit: str = "epoch"
+    unit: Literal["epoch", "step"] = "epoch"
     """Unit of boundaries, warmup_epochs, optimizer.alpha_center and optimizer.alpha_period:
     "epoch" or "step" (optimizer steps: for small data sets, where a large batch leaves
     only a few dozen steps per run)."""
-    reference_epochs: float = 0.0
+    reference_epochs: NonNegative = 0.0
     """The training length the epoch-valued settings above are written for (e.g. the
     paper's 90). When train.epochs differs they are stretched by train.epochs /
     reference_epochs, so a 90-epoch schedule keeps its shape in a shorter budget.
@@ -141,37 +173,45 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 90
+    epochs: Positive = 90
     """Passes over the training set."""
-    seed: int = 0
+    seed: Count = 0
     """Seed of the initialization, the data order and the augmentation."""
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, Range(0.0, 1.0)] = 0.0
     """Label smoothing of the cross-entropy loss."""
-    max_steps: int = 0
+    max_steps: Count = 0
     """Stop after this many optimizer steps (0 = no limit): for smoke tests."""
-    eval_every: int = 1
+    eval_every: Positive = 1
     """Evaluate on the test set every N epochs (and always after the last)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: Positive = 2
     """Keep the newest K checkpoints in the run directory."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """"auto" (CUDA if available, else CPU), "cpu" or "cuda"."""
-    comm_dtype: str = "fp32"
+    comm_dtype: CommDtype = "fp32"
     """Dtype of the gradient all-reduce: "fp32", "fp16" (the paper) or "bf16". Gradients are
     divided by the number of processes before the sum. A single process rounds its
     gradient through this dtype, as the all-reduce would."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     """Compute precision: "fp32", "bf16" (autocast), "fp16" (autocast with a gradient scaler)
     or "auto": bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with
     AVX512-BF16 or AMX), fp32 elsewhere (emulated bf16 on an AVX2 CPU is several times slower)."""
-    memory_format: str = "auto"
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     """"channels_last", "contiguous" or "auto" (channels-last on CUDA, contiguous on CPU)."""
     compile: bool = False
     """Compile the model with torch.compile."""
     cudnn_benchmark: bool = True
     """On CUDA, let cuDNN time its convolution algorithms for the run's shapes and keep the
     fastest (``torch.backends.cudnn.benchmark``); false for runs that must repeat bitwise."""
-    checkpoint_every: int = 0
+    checkpoint_every: Count = 0
     """Also write a checkpoint every N optimizer steps (0 = only at epoch ends)."""
+    tensorboard: bool = False
+    """Also log loss, learning rate, alpha_sgd, images/s (every step) and the test metrics
+    (every evaluation) as TensorBoard event files under RUN_DIR/tensorboard/
+    (needs the package tensorboard: pip install 'megabatch[tensorboard]')."""
+    noise_scale: bool = False
+    """Measure the gradient noise scale B_simple (McCandlish et al. 2018) while training, from
+    the micro-batches' gradients within each step: logged per epoch as noise_scale,
+    grad_sq_norm and grad_trace_sigma. Needs at least two micro-batches per step."""
 
 
 @dataclass
@@ -188,43 +228,18 @@ class Recipe:
     """The recipe's name or file; set by the loader."""
 
     @property
-    def workers(self) -> int:
-        return self.batch.global_batch // self.batch.per_worker_batch
-
-    @property
     def base_lr(self) -> float:
         """eta_base = lr_per_256 * global_batch / 256."""
         return self.optimizer.lr_per_256 * self.batch.global_batch / 256
 
     def validate(self) -> "Recipe":
         """Check values that types alone cannot; raises UserError naming the key."""
-        choices = {
-            "model.arch": (self.model.arch, ("small-cnn", "resnet18", "resnet50")),
-            "model.bn": (self.model.bn, ("moving_average", "last_batch")),
-            "data.dataset": (self.data.dataset, ("fashion-mnist", "synthetic", "imagenet")),
-            "optimizer.name": (self.optimizer.name, ("sgd", "rmsprop_warmup", "lars")),
-            "schedule.kind": (self.schedule.kind, ("piecewise", "polynomial")),
-            "schedule.unit": (self.schedule.unit, ("epoch", "step")),
-            "train.device": (self.train.device, ("auto", "cpu", "cuda")),
-            "train.comm_dtype": (self.train.comm_dtype, ("fp32", "fp16", "bf16")),
-            "train.precision": (self.train.precision, ("fp32", "bf16", "fp16", "auto")),
-            "optimizer.trust_norm": (self.optimizer.trust_norm, ("gradient_plus_decay", "decayed_gradient")),
-            "train.memory_format": (self.train.memory_format, ("auto", "channels_last", "contiguous")),
-            "data.decoder": (self.data.decoder, ("auto", "pil", "device")),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise UserError(f"recipe key {key} = {value!r} is not one of {', '.join(allowed)}")
-        b = self.batch
-        for key, value in (("batch.global_batch", b.global_batch),
-                           ("batch.per_worker_batch", b.per_worker_batch), ("train.epochs", self.train.epochs)):
-            if value < 1:
-                raise UserError(f"recipe key {key} must be at least 1, got {value}")
+        b, d = self.batch, self.data
         if b.global_batch % b.per_worker_batch:
             raise UserError(f"batch.global_batch = {b.global_batch} is not divisible by "
                             f"batch.per_worker_batch = {b.per_worker_batch}: make it a multiple "
                             f"(workers x per_worker_batch)")
-        if b.micro_batch < 0 or b.micro_batch % b.per_worker_batch:
+        if b.micro_batch % b.per_worker_batch:
             raise UserError(f"batch.micro_batch = {b.micro_batch} is not a multiple of "
                             f"batch.per_worker_batch = {b.per_worker_batch}: each forward pass must "
                             f"hold whole workers (or set 0 for automatic)")
@@ -234,7 +249,10 @@ class Recipe:
                             f"{len(s.boundaries)} boundaries, got {len(s.factors)}")
         if s.boundaries != sorted(s.boundaries):
             raise UserError(f"schedule.boundaries must increase, got {s.boundaries}")
-        if self.data.dataset == "synthetic" and len(self.data.synthetic_size) != 5:
+        if d.dataset == "imagenet" and d.resize_size < d.image_size:
+            raise UserError(f"data.resize_size = {d.resize_size} is smaller than data.image_size = "
+                            f"{d.image_size}: the evaluation crop must fit in the resized image")
+        if d.dataset == "synthetic" and len(d.synthetic_size) != 5:
             raise UserError("data.synthetic_size needs 5 values: train images, test images, "
                             "image size, channels, classes")
         return self
@@ -244,32 +262,14 @@ class Recipe:
 
 def builtin_names() -> list[str]:
     """Names of the recipes shipped in megabatch/recipes."""
-    folder = resources.files("megabatch") / "recipes"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
-
-
-def _read_toml(text: str, origin: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{origin} is not valid TOML: {e}") from None
+    return tomlfile.builtin_names("recipes")
 
 
 def _raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The recipe's tables, with its ``base`` recipes merged underneath."""
     if name_or_path in seen:
         raise UserError(f"recipe {name_or_path} extends itself (base chain {' -> '.join(seen)})")
-    if name_or_path.endswith(".toml") or "/" in name_or_path:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise UserError(f"recipe file {path} does not exist")
-        data = _read_toml(path.read_text(), str(path))
-    elif name_or_path in builtin_names():
-        text = (resources.files("megabatch") / "recipes" / f"{name_or_path}.toml").read_text()
-        data = _read_toml(text, f"built-in recipe {name_or_path}")
-    else:
-        raise UserError(f"unknown recipe {name_or_path!r}: choose one of {', '.join(builtin_names())} "
-                        f"(`megabatch recipes` describes them) or give a .toml file")
+    data = tomlfile.read(name_or_path, "recipes", "recipe", " (`megabatch recipes` describes them)")
     base = data.pop("base", None)
     if base is None:
         return data
@@ -283,12 +283,25 @@ def _raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
-    """``value`` checked against the annotation ``kind``; ints are accepted as floats."""
+    """``value`` checked against the annotation ``kind`` (its choices and range too);
+    ints are accepted as floats."""
     origin = typing.get_origin(kind)
+    if origin is Annotated:
+        base, *rules = typing.get_args(kind)
+        value = _coerce(value, base, key)
+        for rule in rules:
+            if isinstance(rule, Range) and not rule.holds(value):
+                raise UserError(f"recipe key {key} must be {rule}, got {value!r}")
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(kind)
+        if value not in allowed:
+            raise UserError(f"recipe key {key} = {value!r} is not one of {', '.join(allowed)}")
+        return value
     if origin is list:
         (item,) = typing.get_args(kind)
         if not isinstance(value, list):
-            raise UserError(f"recipe key {key} must be a list of {item.__name__}, got {value!r}")
+            raise UserError(f"recipe key {key} must be a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -298,7 +311,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls) if not (cls is Recipe and f.name == "name")]
     values = {}
     for key, value in data.items():
@@ -326,22 +339,23 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise UserError(f"--set {assignment!r} must look like section.key=value")
     try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+        value = tomlfile.parse(f"v = {text.strip()}", "")["v"]
+    except UserError:
         value = text.strip()
     return key.strip().split("."), value
 
 
-def load(name_or_path: str, overrides: list[str] = ()) -> Recipe:
-    """Load a built-in recipe by name or a TOML file, apply ``--set`` overrides, validate."""
+def load(name_or_path: str, overrides: list[str] = (), values: dict[str, Any] | None = None) -> Recipe:
+    """Load a built-in recipe by name or a TOML file, apply ``--set`` overrides (text, as
+    typed), then ``values`` ({"train.precision": "bf16"}: values from code), validate."""
     data = _raw(name_or_path)
-    for assignment in overrides:
-        path, value = parse_override(assignment)
+    pairs = [(parse_override(a), a) for a in overrides] + [((k.split("."), v), k) for k, v in (values or {}).items()]
+    for (path, value), origin in pairs:
         table = data
         for part in path[:-1]:
             table = table.setdefault(part, {})
             if not isinstance(table, dict):
-                raise UserError(f"--set {assignment}: {part} is not a table")
+                raise UserError(f"--set {origin}: {part} is not a table")
         table[path[-1]] = value
     recipe = _build(Recipe, data, "")
     recipe.name = name_or_path
@@ -363,21 +377,11 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def to_toml(recipe: Recipe) -> str:
     """The resolved recipe as TOML that :func:`load` reads back to the same values."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return "[" + ", ".join(value(x) for x in v) + "]"
-
     data = to_dict(recipe)
-    lines = [f"# resolved recipe (from {recipe.name})", f"description = {value(data.pop('description'))}"]
+    lines = [f"# resolved recipe (from {recipe.name})", f"description = {tomlfile.value(data.pop('description'))}"]
     data.pop("name")
     for section, table in data.items():
-        lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in table.items()]
+        lines += ["", f"[{section}]"] + [f"{k} = {tomlfile.value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 

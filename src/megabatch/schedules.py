@@ -16,12 +16,6 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-SLOW_START_BOUNDARIES = (40.0, 70.0, 85.0)
-SLOW_START_FACTORS = (0.5, 0.075, 0.01, 0.001)
-GOYAL_BOUNDARIES = (30.0, 60.0, 80.0)
-GOYAL_FACTORS = (1.0, 0.1, 0.01, 0.001)
-
-
 def piecewise_lr(
     epoch: float,
     base_lr: float,
@@ -47,33 +41,6 @@ def piecewise_lr(
     if epoch < warmup_epochs:
         lr = warmup_start_lr + (lr - warmup_start_lr) * epoch / warmup_epochs
     return lr
-
-
-def slow_start_lr(
-    epoch: float,
-    base_lr: float,
-    boundaries: Sequence[float] = SLOW_START_BOUNDARIES,
-    factors: Sequence[float] = SLOW_START_FACTORS,
-) -> float:
-    """Akiba et al.'s slow-start schedule: no ramp, a low and long first phase.
-
-    ``base_lr`` is eta_base = 0.1 * B / 256; the default factors give 0.5, 0.075,
-    0.01 and 0.001 of it in epochs [0, 40), [40, 70), [70, 85), [85, ...).
-    """
-    return piecewise_lr(epoch, base_lr, boundaries, factors)
-
-
-def goyal_lr(
-    epoch: float,
-    base_lr: float,
-    small_batch_lr: float,
-    warmup_epochs: float = 5.0,
-    boundaries: Sequence[float] = GOYAL_BOUNDARIES,
-    factors: Sequence[float] = GOYAL_FACTORS,
-) -> float:
-    """Goyal et al.'s schedule: linear warm-up from the small-batch learning rate
-    to ``base_lr`` (= small_batch_lr * B / 256) over 5 epochs, then /10 at 30, 60, 80."""
-    return piecewise_lr(epoch, base_lr, boundaries, factors, warmup_epochs, small_batch_lr)
 
 
 def alpha_sgd(epoch: float, center: float = 10.0, period: float = 5.0) -> float:

@@ -7,6 +7,9 @@ accumulated into the mean over the process's share, DDP averages them over
 processes once per step, the optimizer steps once per global batch, and the
 batch-norm evaluation statistics are the average over all workers of the last
 step. Memory is bounded by ``micro_batch``, not by the global batch.
+
+The loop works on a :class:`~megabatch.run.Run` that :mod:`megabatch.build`
+assembled; it knows nothing of the command line or of how the run was built.
 """
 
 from __future__ import annotations
@@ -14,19 +17,26 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megabatch import checkpoint, schedules
-from megabatch.data.images import ImageTensors
-from megabatch.distributed import (DistInfo, accumulation, all_reduce_mean, all_reduce_sum,
-                                   round_gradients)
-from megabatch.errors import Diverged
+from megabatch import checkpoint
+from megabatch.batching import epoch_order
+from megabatch.data.source import Batch, Source
+from megabatch.distributed import DistInfo, accumulation, all_reduce_mean, all_reduce_sum, round_gradients
+from megabatch.errors import CheckpointWriteError, Diverged, Preempted
 from megabatch.nn import average_bn_stats, step_statistics
-from megabatch.run import Run, checkpoint_state, describe, memory_format
+from megabatch.noise import sq_norm
+from megabatch.plots import plot_curves
+from megabatch.run import Run
+
+
+class StepResult(NamedTuple):
+    loss: float  # mean training loss over the global batch (the same on every process)
+    stop: bool  # some process was asked to stop (SIGTERM/SIGUSR1): all stop after this step
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, alpha_sgd: float) -> None:
@@ -36,86 +46,132 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, alpha_sgd: 
             group["alpha_sgd"] = alpha_sgd
 
 
-def train_step(run: Run, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def train_step(run: Run, micro_batches: Iterable[Batch]) -> StepResult:
     """One optimizer step on this process's share of a global batch, given as micro-batches.
 
-    Returns the mean training loss over the global batch. Each micro-batch's summed
-    loss is divided by the share's size, so the accumulated gradient is the mean over
-    the share; DDP then averages the shares.
+    Each micro-batch's summed loss is divided by the share's size, so the accumulated
+    gradient is the mean over the share; DDP then averages the shares. With
+    ``train.noise_scale`` the micro-batches' own gradients are the small batches of the
+    noise-scale estimate and the step's gradient the big one (they change nothing else).
     """
+    plan = run.plan
     total = torch.zeros((), device=run.device)
-    passes, layout = run.plan.micro_batches, memory_format(run.device, run.recipe.train.memory_format)
+    pieces = NoisePieces(run)
     with step_statistics(run.model):
         for i, (x, y) in enumerate(micro_batches):
-            with accumulation(run.net, last=i == passes - 1):
-                with autocast(run.device, run.recipe.train.precision):  # (autocast runs the loss in fp32)
-                    logits = run.net(x.contiguous(memory_format=layout))
+            with accumulation(run.net, last=i == plan.micro_batches - 1):
+                with torch.autocast(run.device.type, dtype=run.autocast_dtype,
+                                    enabled=run.autocast_dtype is not None):  # (the loss runs in fp32)
+                    logits = run.net(x.contiguous(memory_format=run.layout))
                     loss = F.cross_entropy(logits, y, reduction="sum",
-                                           label_smoothing=run.recipe.train.label_smoothing) / run.plan.local_batch
+                                           label_smoothing=run.recipe.train.label_smoothing) / plan.local_batch
                 (run.scaler.scale(loss) if run.scaler else loss).backward()
+            pieces.after_backward(i)
             total += loss.detach()
-    # Every process sees the same loss, so all of them stop together on a NaN.
-    value = all_reduce_mean(total, run.dist).item()
+    # One all-reduce per step agrees on the loss (all processes stop together on a NaN),
+    # on a stop request, and on the noise-scale norms.
+    stop = torch.tensor(float(run.stop_requested()), device=run.device)
+    agreed = all_reduce_mean(torch.stack([total, stop, *pieces.norms()]), run.dist).tolist()
+    value = agreed[0]
     if not math.isfinite(value):
-        return value  # the caller stops the run before the optimizer sees the gradient
-    if not run.dist.distributed:
-        round_gradients(run.model, run.recipe.train.comm_dtype)
+        return StepResult(value, agreed[1] > 0)  # the caller stops before the optimizer sees the gradient
+    pieces.update(agreed[2:])
+    round_gradients(run.model, run.dist, run.recipe.train.comm_dtype)
     if run.scaler:  # skips the step if the fp16 gradients overflowed, and adapts the scale
         run.scaler.step(run.optimizer)
         run.scaler.update()
     else:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return value
+    return StepResult(value, agreed[1] > 0)
 
 
-def autocast(device: torch.device, precision: str):
-    """Autocast to bf16 or fp16 for ``precision``; a no-op for fp32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+class NoisePieces:
+    """The squared norms that the noise-scale estimate needs from one step: of each
+    micro-batch's own mean gradient (|G_small|^2, B_small = micro_batch images) and of the
+    step's gradient over the global batch (|G_big|^2). Under DDP the last micro-batch's
+    gradient arrives already averaged over processes, so the first k-1 are the pieces."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.on = run.noise is not None and run.plan.micro_batches > 1
+        self.params = [p for p in run.model.parameters() if p.requires_grad]
+        self.previous: list[torch.Tensor] | None = None
+        self.small: list[torch.Tensor] = []
+
+    def after_backward(self, i: int) -> None:
+        plan = self.run.plan
+        if not self.on or (self.run.dist.distributed and i == plan.micro_batches - 1):
+            return
+        grads = [p.grad for p in self.params]
+        piece = grads if self.previous is None else torch._foreach_sub(grads, self.previous)
+        # The micro-batch contributed (micro / share) x its own mean gradient (x the fp16 scale).
+        factor = plan.local_batch / plan.micro_batch / self._scale()
+        self.small.append(sq_norm(piece) * factor ** 2)
+        self.previous = [g.clone() for g in grads]
+
+    def norms(self) -> list[torch.Tensor]:
+        if not self.on:
+            return []
+        big = sq_norm([p.grad for p in self.params]) / self._scale() ** 2
+        return [torch.stack(self.small).mean(), big]
+
+    def update(self, norms: list[float]) -> None:
+        if self.on and all(math.isfinite(v) for v in norms):  # an fp16 overflow step says nothing
+            self.run.noise.update(norms[0], norms[1], self.run.plan.micro_batch, self.run.plan.global_batch)
+
+    def _scale(self) -> float:
+        return self.run.scaler.get_scale() if self.run.scaler else 1.0
 
 
-def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
-    """Train until the end of ``epoch`` (from wherever ``run.iteration`` stands in it)."""
+def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """Train until the end of ``epoch`` (from wherever ``run.iteration`` stands in it).
+    On a stop request mid-epoch, checkpoint and raise :class:`Preempted`."""
     run.net.train()
     r, steps = run.recipe, run.steps_per_epoch
     sums = run.partial_epoch  # kept in mid-epoch checkpoints, so a resumed epoch reports the same
     sums.setdefault("loss", 0.0)
     sums.setdefault("steps", 0)
-    start, images = time.perf_counter(), 0
+    start, images, stop = time.perf_counter(), 0, False
     first = run.iteration - epoch * steps
-    batches = run.train_data.training_steps(epoch, first, run.plan, r.train.seed, r.data.augment, run.device)
+    order = epoch_order(r.train.seed, epoch, len(run.train_data))
+    batches = run.train_data.training_batches(run.plan.epoch(order, epoch, first), r.train.seed,
+                                              r.data.augment, run.device)
     for step, micro_batches in enumerate(batches, start=first):
-        lr, alpha = schedules.recipe_values(r, run.iteration / steps, steps)
+        lr, alpha = run.schedule(run.iteration / steps)
         set_hyperparameters(run.optimizer, lr, alpha)
-        loss = train_step(run, micro_batches)
+        loss, stop = train_step(run, micro_batches)
         if not math.isfinite(loss):
-            newest = checkpoint.list_checkpoints(run.checkpoint_dir)
-            kept = f"the last good checkpoint is {newest[-1]}" if newest else "no checkpoint was written yet"
             raise Diverged(f"training diverged: loss is {loss} at epoch {epoch + 1}, iteration "
-                           f"{run.iteration} (step {step + 1} of the epoch); {kept}; lower "
+                           f"{run.iteration} (step {step + 1} of the epoch); {last_good(run)}; lower "
                            f"optimizer.lr_per_256 or lengthen the warm-up and train again")
         run.iteration += 1
         images += run.plan.global_batch
         sums["loss"] += loss
         sums["steps"] += 1
-        run.progress.step(epoch, step + 1, loss, images / max(time.perf_counter() - start, 1e-9))
-        stop = r.train.max_steps and run.iteration >= r.train.max_steps
-        if r.train.checkpoint_every and run.iteration % r.train.checkpoint_every == 0 \
-                and step + 1 < steps and not stop:
+        rate = images / max(time.perf_counter() - start, 1e-9)
+        run.progress.step(epoch, step + 1, loss, rate)
+        if run.log:
+            run.log({"train_loss": loss, "lr": lr, "alpha_sgd": alpha, "images_per_s": rate}, run.iteration)
+        done = run.iteration >= run.total_steps
+        if step + 1 < steps and not done and (stop or r.train.checkpoint_every
+                                              and run.iteration % r.train.checkpoint_every == 0):
             save_checkpoint(run, epochs_done=epoch)
-        if stop:
+            if stop:
+                raise Preempted(f"stopped by a signal at epoch {epoch + 1}, iteration {run.iteration}; "
+                                f"{last_good(run)}; continue with: megabatch train --resume {run.out_dir}")
+        if done:
             break
     elapsed = time.perf_counter() - start
     run.partial_epoch = {}
     return {"train_loss": sums["loss"] / max(sums["steps"], 1), "lr": lr, "alpha_sgd": alpha,
-            "images_per_s": images / max(elapsed, 1e-9), "train_time_s": elapsed}
+            "images_per_s": images / max(elapsed, 1e-9), "train_time_s": elapsed, "stop": stop}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageTensors, device: torch.device, dist: DistInfo = DistInfo(),
+def evaluate(model: nn.Module, data: Source, device: torch.device, dist: DistInfo = DistInfo(),
              batch_size: int = 1000, layout: torch.memory_format = torch.contiguous_format,
-             precision: str = "fp32") -> dict[str, float]:
+             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Test loss, top-1 and top-5 accuracy (in percent) with the stored BN statistics.
 
     Each process takes a contiguous shard of the test set (no padding, no duplicate)
@@ -126,7 +182,7 @@ def evaluate(model: nn.Module, data: ImageTensors, device: torch.device, dist: D
     first, last = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
     for x, y in data.evaluation_batches(first, last, batch_size, device):
-        with autocast(device, precision):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(x.contiguous(memory_format=layout))
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         sums += torch.stack([F.cross_entropy(logits.double(), y, reduction="sum"),
@@ -136,45 +192,72 @@ def evaluate(model: nn.Module, data: ImageTensors, device: torch.device, dist: D
 
 
 def save_checkpoint(run: Run, epochs_done: int) -> None:
-    """Average the workers' BN statistics, then (rank 0) write and rotate a checkpoint."""
-    average_bn_stats(run.model)
+    """Average the workers' BN statistics, then (rank 0) write and rotate a checkpoint.
+    Weights that are no longer finite are a divergence, never written; every process
+    sees them (they are equal everywhere) and every process stops. A failed write
+    (a full disk) stops every process too, not rank 0 alone."""
+    average_bn_stats(run.model, run.dist)
+    bad = checkpoint.non_finite(run.model.state_dict())
+    if bad:
+        raise Diverged(f"training diverged: the weights are no longer finite at iteration {run.iteration} "
+                       f"(epoch {epochs_done + 1}: {', '.join(bad[:3])}); {last_good(run)}; lower "
+                       f"optimizer.lr_per_256 or lengthen the warm-up and train again")
+    failure = None
     if run.dist.is_main:
-        checkpoint.save(checkpoint_state(run, epochs_done), checkpoint.step_path(run.checkpoint_dir, run.iteration))
-        checkpoint.prune(run.checkpoint_dir, run.recipe.train.keep_checkpoints)
+        try:
+            checkpoint.save(run.state_dict(epochs_done), checkpoint.step_path(run.checkpoint_dir, run.iteration))
+            checkpoint.prune(run.checkpoint_dir, run.recipe.train.keep_checkpoints)
+        except CheckpointWriteError as e:
+            failure = e
+    if run.dist.distributed:
+        failed = all_reduce_sum(torch.tensor(float(failure is not None), device=run.device), run.dist).item()
+        if failed and failure is None:
+            raise CheckpointWriteError(f"rank 0 could not write the checkpoint of iteration {run.iteration} "
+                                       f"(its own message says why); stopping with it")
+    if failure is not None:
+        raise failure
+
+
+def last_good(run: Run) -> str:
+    newest = checkpoint.list_checkpoints(run.checkpoint_dir)
+    return f"the last good checkpoint is {newest[-1]}" if newest else "no checkpoint was written yet"
 
 
 def fit(run: Run) -> dict[str, Any]:
     """Train for the recipe's epochs, evaluating and checkpointing after each; returns
     the last epoch's metrics."""
     r = run.recipe
-    run.progress.info(describe(run))
     wall_start = time.perf_counter() - (run.history[-1]["wall_time_s"] if run.history else 0.0)
     steps = run.steps_per_epoch
-    total = steps * r.train.epochs if not r.train.max_steps else min(r.train.max_steps, steps * r.train.epochs)
-    while run.iteration < total:
+    while run.iteration < run.total_steps:
         epoch = run.iteration // steps
         metrics = {"epoch": epoch + 1, **train_one_epoch(run, epoch)}
-        done = run.iteration >= total
+        stop = metrics.pop("stop")
+        done = run.iteration >= run.total_steps
         # Evaluation and checkpoints use the last step's BN statistics of all workers.
-        average_bn_stats(run.model)
+        average_bn_stats(run.model, run.dist)
         if done or (epoch + 1) % r.train.eval_every == 0:
             metrics.update(evaluate(run.model, run.test_data, run.device, run.dist, run.plan.micro_batch,
-                                    memory_format(run.device, r.train.memory_format), r.train.precision))
+                                    run.layout, run.autocast_dtype))
+        if run.noise and run.noise.updates:
+            metrics.update(noise_scale=run.noise.noise_scale, grad_sq_norm=run.noise.grad_sq_norm,
+                           grad_trace_sigma=run.noise.trace_sigma)
         report_unreadable(run, epoch, metrics)
         metrics.update(iteration=run.iteration, wall_time_s=time.perf_counter() - wall_start)
         run.history.append(metrics)
         log_epoch(run, metrics)
         save_checkpoint(run, epochs_done=epoch + 1)
+        if stop and not done:
+            raise Preempted(f"stopped by a signal after epoch {epoch + 1}, iteration {run.iteration}; "
+                            f"{last_good(run)}; continue with: megabatch train --resume {run.out_dir}")
     if not run.history:
         return {}
     if run.dist.is_main:
-        final = checkpoint.save(checkpoint_state(run, run.history[-1]["epoch"]), run.out_dir / "final.pt")
+        final = checkpoint.save(run.state_dict(run.history[-1]["epoch"]), run.out_dir / "final.pt")
         last = run.history[-1]
         run.progress.info(f"final: test top-1 {last.get('test_top1', float('nan')):.2f}% "
                           f"top-5 {last.get('test_top5', float('nan')):.2f}% after {run.iteration} "
                           f"steps in {last['wall_time_s']:.0f} s; checkpoint {final}")
-        from megabatch.plots import plot_curves  # matplotlib is optional and slow to import
-
         plot_curves(run.history, run.out_dir / "curves.png", title=r.name)
     return run.history[-1]
 
@@ -194,10 +277,13 @@ def log_epoch(run: Run, metrics: dict[str, Any]) -> None:
         return
     with open(run.out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    if run.log:
+        run.log({k: v for k, v in metrics.items() if k.startswith(("test_", "noise", "grad_"))}, run.iteration)
     test = (f" test top-1 {metrics['test_top1']:.2f}% top-5 {metrics['test_top5']:.2f}%"
             if "test_top1" in metrics else "")
+    noise = f" B_simple {metrics['noise_scale']:,.0f}" if "noise_scale" in metrics else ""
     run.progress.info(
         f"epoch {metrics['epoch']}/{run.recipe.train.epochs} iter {metrics['iteration']} "
         f"loss {metrics['train_loss']:.4f}{test} lr {metrics['lr']:.4g} alpha_sgd "
-        f"{metrics['alpha_sgd']:.3f} {metrics['images_per_s']:,.0f} img/s "
+        f"{metrics['alpha_sgd']:.3f}{noise} {metrics['images_per_s']:,.0f} img/s "
         f"{metrics['wall_time_s']:.0f} s")

@@ -26,7 +26,8 @@ def tiny(tmp_path_factory, fashion_dir):
 
 def steps_of(source, plan, epoch=0, augment=True):
     return [[(x.clone(), y.clone()) for x, y in step]
-            for step in source.training_steps(epoch, 0, plan, 0, augment, torch.device("cpu"))]
+            for step in source.training_batches(plan.epoch(epoch_order(0, epoch, len(source)), epoch),
+                                                0, augment, torch.device("cpu"))]
 
 
 def test_classes_are_sorted_like_torchvision_imagefolder(tiny):

@@ -28,7 +28,7 @@ import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
-from megabatch.batching import BatchPlan, epoch_order
+from megabatch.batching import StepIndices
 from megabatch.errors import UserError
 
 MEAN = (0.485, 0.456, 0.406)
@@ -243,22 +243,18 @@ class ImageFolderSource:
         crop = crop.round_().clamp_(0, 255).to(torch.uint8)
         return crop.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else crop
 
-    def training_steps(self, epoch: int, first_step: int, plan: BatchPlan, seed: int, augment: bool,
-                       device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-        order = epoch_order(seed, epoch, len(self)).tolist()
-        steps = plan.steps_per_epoch(len(self))
-        share = plan.local_slice()
-
-        def micro_batches():  # the items of every micro-batch of this process, in order
-            for step in range(first_step, steps):
-                start = step * plan.global_batch + share.start
-                for part in plan.micro_slices():
-                    yield [Item(order[p], epoch if augment else -1, p)
-                           for p in range(start + part.start, start + part.stop)]
-
-        loader = iter(self._loader(micro_batches()))
-        for _ in range(first_step, steps):
-            yield (self._to_device(*next(loader), device) for _ in range(plan.micro_batches))
+    def training_batches(self, steps: Iterable[StepIndices], seed: int, augment: bool,
+                         device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """For every step, this process's micro-batches; one DataLoader streams the whole
+        epoch, so its workers read ahead across steps. Each image's crop is drawn from
+        (seed, epoch, its place in the epoch), whatever the processes or micro-batches."""
+        steps = list(steps)
+        items = [[Item(int(index), step.epoch if augment else -1,
+                       step.position + part.start + j) for j, index in enumerate(indices.tolist())]
+                 for step in steps for part, indices in step.micro_batches]
+        loader = iter(self._loader(items))
+        for step in steps:
+            yield (self._to_device(*next(loader), device) for _ in step.micro_batches)
 
     def evaluation_batches(self, first: int, last: int, batch_size: int,
                            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

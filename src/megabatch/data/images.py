@@ -9,12 +9,12 @@ makes emulated and real workers compute the same thing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from megabatch.batching import BatchPlan, epoch_order, step_generator
+from megabatch.batching import StepIndices, step_generator
 
 AUGMENT_PAD = 2  # pixels of random translation
 
@@ -80,24 +80,17 @@ class ImageTensors:
         x = x.sub_(self.mean).div_(self.std)
         return x, self.labels[index].to(device, non_blocking=True)
 
-    def training_steps(self, epoch: int, first_step: int, plan: BatchPlan, seed: int, augment: bool,
-                       device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-        """For every step of ``epoch`` from ``first_step``: this process's micro-batches, made
-        one at a time (memory stays bounded by the micro-batch)."""
-        order = epoch_order(seed, epoch, len(self))
-        steps = plan.steps_per_epoch(len(self))
-        for step in range(first_step, steps):
-            batch = order[step * plan.global_batch:(step + 1) * plan.global_batch]
+    def training_batches(self, steps: Iterable[StepIndices], seed: int, augment: bool,
+                         device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """For every step: this process's micro-batches, made one at a time (memory stays
+        bounded by the micro-batch). Augmentation is drawn for the whole global batch from
+        the step's generator, then sliced, so it does not depend on the processes."""
+        for step in steps:
             augmentation = None
             if augment:
-                generator = step_generator(seed, epoch * steps + step)
-                augmentation = Augmentation.draw(len(batch), AUGMENT_PAD, generator)[plan.local_slice()]
-            yield self._micro_batches(batch[plan.local_slice()], plan, device, augmentation)
-
-    def _micro_batches(self, share: torch.Tensor, plan: BatchPlan, device: torch.device,
-                       augmentation: Augmentation | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for part in plan.micro_slices():
-            yield self.batch(share[part], device, augmentation[part] if augmentation else None)
+                augmentation = Augmentation.draw(step.global_batch, AUGMENT_PAD, step_generator(seed, step.iteration))
+            yield (self.batch(index, device, augmentation[part] if augmentation else None)
+                   for part, index in step.micro_batches)
 
     def evaluation_batches(self, first: int, last: int, batch_size: int,
                            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -87,13 +87,9 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
 
 
 def plot(spec: StudySpec, results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
-    try:
-        import matplotlib
+    from megabatch.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
+    plt = pyplot()
     table = cells(results)
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))

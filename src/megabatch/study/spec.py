@@ -22,18 +22,11 @@ A spec is a TOML file (built-in ones in ``megabatch/specs``)::
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-from megabatch import recipe as recipes
+from megabatch import recipe as recipes, tomlfile
 from megabatch.errors import UserError
 
 
@@ -93,8 +86,7 @@ class StudySpec:
 
 
 def builtin_names() -> list[str]:
-    folder = resources.files("megabatch") / "specs"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+    return tomlfile.builtin_names("specs")
 
 
 _TOP = {"description": str, "epochs": int, "batches": list, "seeds": list, "extra_seeds": list,
@@ -117,20 +109,7 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
     spec's (a reduced grid: ``seeds`` keeps, of every cell's seeds, those listed) and
     ``extra_set`` is applied to every run after the spec's own overrides. Every method's
     recipe is loaded once to catch mistakes before running."""
-    if name_or_path.endswith(".toml") or "/" in name_or_path:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise UserError(f"study spec {path} does not exist")
-        text = path.read_text()
-    elif name_or_path in builtin_names():
-        text = (resources.files("megabatch") / "specs" / f"{name_or_path}.toml").read_text()
-    else:
-        raise UserError(f"unknown study spec {name_or_path!r}: choose one of {', '.join(builtin_names())} "
-                        f"or give a .toml file")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"study spec {name_or_path} is not valid TOML: {e}") from None
+    data = tomlfile.read(name_or_path, "specs", "study spec")
     _check(data, _TOP, "")
     if not data.get("methods"):
         raise UserError(f"study spec {name_or_path} has no [methods.NAME] tables")

@@ -1,0 +1,325 @@
+"""Where a training run is assembled, started and resumed.
+
+:func:`train` is ``megabatch train``: it joins the process group, decides between a
+new run, ``--resume`` and a torchrun restart (:func:`open_run_dir`), builds the
+:class:`~megabatch.run.Run` from the recipe (:func:`build_run`: model with per-worker
+BN, optimizer, data, batch plan, compile, DDP), prints what the recipe resolves to
+(:func:`describe`), and hands the run to the loop, :func:`megabatch.train.fit`.
+Everything the recipe leaves to the device ("auto") is decided here, once.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from megabatch import checkpoint, distributed, models, provenance, schedules
+from megabatch import recipe as recipes
+from megabatch.batching import CPU_MAX_MICRO_BATCH, DEFAULT_MAX_MICRO_BATCH, BatchPlan
+from megabatch.data import load_datasets
+from megabatch.distributed import DistInfo, wrap_model
+from megabatch.errors import UserError
+from megabatch.nn import convert_to_ghost_bn, set_bn_mode
+from megabatch.noise import NoiseScale
+from megabatch.optim import LARS, RMSpropWarmup, param_groups
+from megabatch.progress import Progress
+from megabatch.recipe import Recipe, to_toml
+from megabatch.run import Run, total_steps
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # time limits and preemption; SLURM: --signal=USR1@120
+
+
+# --- the device and what the recipe leaves to it ----------------------------------------
+
+def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device = cuda but no CUDA device is visible: use --set train.device=cpu")
+        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 support, or a CPU
+    with AVX512-BF16 or AMX (read from /proc/cpuinfo; elsewhere: no)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_recipe(recipe: Recipe, device: torch.device) -> Recipe:
+    """A copy of ``recipe`` with its device-dependent "auto" values decided (precision)."""
+    if recipe.train.precision != "auto":
+        return recipe
+    resolved = copy.deepcopy(recipe)
+    resolved.train.precision = "bf16" if native_bf16(device) else "fp32"
+    return resolved
+
+
+def memory_format(device: torch.device, setting: str = "auto") -> torch.memory_format:
+    """``train.memory_format``; "auto" is channels-last where convolutions gain from it
+    (CUDA) and contiguous on CPU, where it trains the small models faster (and keeps
+    ghost BN's regrouping cheap)."""
+    if setting == "auto":
+        setting = "channels_last" if device.type == "cuda" else "contiguous"
+    return torch.channels_last if setting == "channels_last" else torch.contiguous_format
+
+
+def configure_backends(device: torch.device, recipe: Recipe) -> None:
+    """The process-wide settings of the run's device: cuDNN autotuning on CUDA."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = recipe.train.cudnn_benchmark
+
+
+# --- the parts -----------------------------------------------------------------------------
+
+def build_model(recipe: Recipe, in_channels: int, num_classes: int, device: torch.device) -> nn.Module:
+    """The recipe's model with per-worker (ghost) batch norm and its BN statistics mode."""
+    torch.manual_seed(recipe.train.seed)
+    model = models.create(recipe.model.arch, num_classes, in_channels, recipe.model.zero_init_residual)
+    convert_to_ghost_bn(model, recipe.batch.per_worker_batch)
+    set_bn_mode(model, recipe.model.bn)
+    return model.to(device=device, memory_format=memory_format(device, recipe.train.memory_format))
+
+
+def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    # LARS's trust ratio is skipped where weight decay is (You et al.: BN and biases).
+    groups = param_groups(model, o.weight_decay, o.no_decay_bn_bias,
+                          {"lars_adaptation": False} if o.name == "lars" else None)
+    # The trainer sets lr (and alpha_sgd) before every step; these are placeholders.
+    if o.name == "lars":
+        return LARS(groups, lr=recipe.base_lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient,
+                    trust_norm=o.trust_norm)
+    if o.name == "rmsprop_warmup":
+        return RMSpropWarmup(groups, lr=recipe.base_lr, momentum=o.momentum, rms_decay=o.rms_decay,
+                             eps=o.eps, rmsprop_lr=o.rmsprop_lr, alpha_sgd=0.0)
+    return torch.optim.SGD(groups, lr=recipe.base_lr, momentum=o.momentum)
+
+
+def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Progress | None = None,
+              dist: DistInfo = DistInfo(), state: dict[str, Any] | None = None) -> Run:
+    """Load the data, build model and optimizer (from ``state``, a checkpoint, when
+    resuming), compile, wrap in DDP, and write the run's provenance (rank 0)."""
+    device = resolve_device(recipe.train.device, dist)
+    recipe = resolve_recipe(recipe, device)
+    configure_backends(device, recipe)
+    plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch,
+                            recipe.batch.micro_batch, dist.world_size, dist.rank,
+                            CPU_MAX_MICRO_BATCH if device.type == "cpu" else DEFAULT_MAX_MICRO_BATCH)
+    train_data, test_data = load_datasets(recipe.data, data_dir, device.type, recipe.train.seed)
+    model = build_model(recipe, train_data.channels, len(train_data.classes), device)
+    steps = plan.steps_per_epoch(len(train_data))
+    t = recipe.train
+    run = Run(recipe, model, model, build_optimizer(recipe, model), train_data, test_data, plan, device, out_dir,
+              progress or Progress(t.epochs, steps, enabled=dist.is_main),
+              schedule=functools.partial(schedules.recipe_values, recipe, steps_per_epoch=steps), dist=dist,
+              layout=memory_format(device, t.memory_format), autocast_dtype=AUTOCAST_DTYPES[t.precision],
+              scaler=torch.amp.GradScaler(device.type) if t.precision == "fp16" else None,
+              noise=NoiseScale() if t.noise_scale else None)
+    if state is not None:
+        run.load_state_dict(state)
+        restore_history(run, state)
+    # Compile, then wrap (torchtitan's order): DDP sees the compiled module, nothing
+    # reaches into torch.compile's wrapper. DDP broadcasts rank 0's parameters: all
+    # ranks start equal.
+    run.net = wrap_model(torch.compile(model) if t.compile else model, dist, t.comm_dtype)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.toml").write_text(to_toml(recipe))
+        info = {**provenance.collect(device), "workers": plan.workers, "processes": dist.world_size,
+                "launcher": dist.launcher, "micro_batch": plan.micro_batch, "steps_per_epoch": steps,
+                "base_lr": recipe.base_lr}
+        if state is not None:
+            info["resumed_from"] = state["path"]
+        (out_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    return run
+
+
+# --- new run, --resume, or a torchrun restart -----------------------------------------------
+
+def find_checkpoint(run_dir: Path, log: Callable[[str], Any] | None = None) -> dict[str, Any] | None:
+    """The newest checkpoint of ``run_dir`` that loads; damaged ones are skipped (and said)."""
+    for path in reversed(checkpoint.list_checkpoints(run_dir / "checkpoints")):
+        try:
+            state = checkpoint.load(path, require_finite=True)
+        except UserError as e:
+            if log:
+                log(f"skipping {path.name}: {e}")
+            continue
+        state["path"] = str(path)
+        return state
+    return None
+
+
+def restore_history(run: Run, state: dict[str, Any]) -> None:
+    """Keep the metrics of the epochs the checkpoint holds; rank 0 rewrites metrics.jsonl."""
+    metrics = run.out_dir / "metrics.jsonl"
+    if metrics.exists():
+        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        run.history = [m for m in lines if m["epoch"] <= state["epoch"]]
+        if run.dist.is_main:
+            tmp = metrics.with_name(f".metrics.{os.getpid()}.tmp")
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in run.history))
+            os.replace(tmp, metrics)
+    run.progress.info(f"resuming from {state['path']} (iteration {run.iteration}, "
+                      f"{state['epoch']} epochs done)")
+
+
+def load_recipe(recipe_name: str | None, overrides: list[str], resume: str | None,
+                out: str | None) -> Recipe:
+    """The recipe of a new run (a name or file, with ``--set`` overrides) or of the run
+    that ``--resume RUN_DIR`` continues (its own recipe.toml)."""
+    if resume:
+        if recipe_name or overrides or out:
+            raise UserError("--resume RUN_DIR continues that run with its own recipe.toml: "
+                            "drop --recipe, --set and --out")
+        if not (Path(resume) / "recipe.toml").is_file():
+            raise UserError(f"{resume} is not a run directory (no recipe.toml)")
+        return recipes.load(str(Path(resume) / "recipe.toml"))
+    if not recipe_name:
+        raise UserError("give --recipe NAME (a new run) or --resume RUN_DIR (continue one)")
+    return recipes.load(recipe_name, overrides)
+
+
+def open_run_dir(recipe: Recipe, resume: str | None, out: str | None,
+                 dist: DistInfo) -> tuple[Path, dict[str, Any] | None]:
+    """(run directory, checkpoint to continue from or None): a new run, ``--resume
+    RUN_DIR``, or the same command started again by torchrun (``--max-restarts``),
+    which continues instead of starting over."""
+    if resume:
+        run_dir = Path(resume)
+    else:
+        stem = Path(recipe.name).stem if recipe.name.endswith(".toml") else recipe.name
+        run_dir = Path(out) if out else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = distributed.same_on_all_ranks(run_dir, dist)  # rank 0's default name, should clocks differ
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if not (resume or restarted):
+        if (run_dir / "metrics.jsonl").exists():
+            raise UserError(f"{run_dir} already holds a run: choose another --out folder, or continue it "
+                            f"with --resume {run_dir}")
+        return run_dir, None
+    state = find_checkpoint(run_dir, log=lambda m: dist.is_main and print(m, file=sys.stderr))
+    if state is None and resume:
+        raise UserError(f"{run_dir} holds no complete checkpoint to resume from")
+    if state is None and dist.is_main:  # restarted before the first checkpoint: start over
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return run_dir, state
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """While inside, SIGTERM and SIGUSR1 only raise a flag (read by the returned function):
+    the loop then finishes its step, checkpoints and stops (see :class:`~megabatch.errors.Preempted`)."""
+    raised: list[int] = []
+    previous = {s: signal.signal(s, lambda number, frame: raised.append(number)) for s in STOP_SIGNALS}
+    try:
+        yield lambda: bool(raised)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def tensorboard_logger(run_dir: Path) -> tuple[Callable[[dict[str, Any], int], None], Callable[[], None]]:
+    """(log, close): ``log(metrics, step)`` writes every number of ``metrics`` as a scalar
+    to TensorBoard event files under ``run_dir/tensorboard``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard = true needs the package tensorboard: "
+                        "pip install 'megabatch[tensorboard]' (or set train.tensorboard=false)") from None
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(metrics: dict[str, Any], step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "iteration"):
+                writer.add_scalar(key, value, step)
+
+    return log, writer.close
+
+
+def train(recipe_name: str | None, overrides: list[str], resume: str | None, out: str | None,
+          data_dir: str | None) -> dict[str, Any]:
+    """``megabatch train``: open or continue the run, build it, describe it, fit it."""
+    from megabatch.train import fit  # the loop, beneath this module
+
+    recipe = load_recipe(recipe_name, overrides, resume, out)
+    info = distributed.setup(recipe.train.device)
+    close = None
+    try:
+        run_dir, state = open_run_dir(recipe, resume, out, info)
+        with stop_on_signals() as stop_requested:
+            run = build_run(recipe, data_dir, run_dir, dist=info, state=state)
+            run.stop_requested = stop_requested
+            if run.recipe.train.tensorboard and info.is_main:
+                run.log, close = tensorboard_logger(run_dir)
+            run.progress.info(describe(run))
+            result = fit(run)
+    except BaseException:
+        distributed.teardown(info, clean=False)
+        raise
+    finally:
+        if close:
+            close()
+    distributed.teardown(info)
+    return result
+
+
+def describe(run: Run) -> str:
+    """The derived values of the recipe, printed at start."""
+    r, p = run.recipe, run.plan
+    steps = run.steps_per_epoch
+    e = schedules.epoch_settings(r, steps)
+    if r.schedule.kind == "polynomial":
+        shape = f"polynomial decay (power {r.schedule.power:g}) to epoch {r.train.epochs}"
+    else:
+        shape = f"factors {r.schedule.factors} at epochs {[round(b, 3) for b in e.boundaries]}"
+    if e.scale != 1.0:
+        shape += (f" (written in steps, {steps} per epoch)" if r.schedule.unit == "step" else
+                  f" (written for {r.schedule.reference_epochs:g} epochs, stretched x{e.scale:.3g})")
+    lines = [
+        f"recipe {r.name}: {r.description}",
+        f"  global batch {p.global_batch} = {_count(p.workers, 'worker')} x {p.per_worker_batch} images; "
+        f"{_count(p.processes, 'process')} x {_count(p.workers // p.processes, 'emulated worker')}; "
+        f"micro-batch {p.micro_batch} ({_count(p.micro_batches, 'pass')} per step)",
+        f"  lr = {r.optimizer.lr_per_256:g} per 256 x {p.global_batch}/256 = {r.base_lr:g}; {shape}"
+        + (f"; warm-up {e.warmup_epochs:.3g} epochs from {r.optimizer.lr_per_256:g}" if e.warmup_epochs else ""),
+    ]
+    if r.optimizer.name == "rmsprop_warmup":
+        lines.append(f"  RMSprop warm-up: rmsprop_lr {r.optimizer.rmsprop_lr:g}, alpha_sgd center "
+                     f"{e.alpha_center:.3g} period {e.alpha_period:.3g} epochs")
+    lines.append(f"  optimizer {r.optimizer.name}, momentum {r.optimizer.momentum:g}, weight decay "
+                 f"{r.optimizer.weight_decay:g}{' (not on BN/bias)' if r.optimizer.no_decay_bn_bias else ''}; "
+                 f"bn {r.model.bn}; model {r.model.arch}; {r.train.precision} compute"
+                 f"{', compiled' if r.train.compile else ''}; gradients all-reduced in {r.train.comm_dtype}")
+    lines.append(f"  {len(run.train_data)} training images, {steps} steps/epoch, {r.train.epochs} epochs "
+                 f"= {run.total_steps} steps; device {provenance.device_name(run.device)}")
+    if run.noise:
+        lines.append(f"  gradient noise scale: from {p.micro_batches * p.processes} micro-batches of "
+                     f"{p.micro_batch} images per step" if p.micro_batches > 1 else "  gradient noise scale: NOT measured: a step has a single micro-batch "
+                     "per process (set batch.micro_batch to a part of the process's share of the batch)")
+    return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith(("s", "ss")) else "s")
