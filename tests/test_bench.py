@@ -1,5 +1,6 @@
 """megabatch bench: a real --quick run through the command line writes a JSON result that
-`megabatch simulate --from-bench` accepts; bad flags are one-line errors."""
+`megabatch simulate --from-bench` accepts; so does one of `--model small-cnn`, with every
+comparison of the demo's step; bad flags are one-line errors. Speed is never asserted."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megabatch import bench, bench_report
+from megabatch import bench, bench_report, bench_timing
+from megabatch.build import native_bf16
 from megabatch.cli import main
 
 
@@ -33,6 +35,18 @@ def quick(tmp_path_factory, one_thread, fashion_dir) -> tuple[Path, str]:
     printed = StringIO()
     with redirect_stdout(printed):
         assert main(["bench", "--quick", "--out", str(out)]) == 0
+    written = list(out.iterdir())
+    assert len(written) == 1
+    return written[0], printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, one_thread) -> tuple[Path, str]:
+    """(the JSON written, what was printed) of `megabatch bench --model small-cnn --quick`."""
+    out = tmp_path_factory.mktemp("bench-small") / "results"
+    printed = StringIO()
+    with redirect_stdout(printed):
+        assert main(["bench", "--model", "small-cnn", "--quick", "--device", "cpu", "--out", str(out)]) == 0
     written = list(out.iterdir())
     assert len(written) == 1
     return written[0], printed.getvalue()
@@ -124,6 +138,68 @@ def test_a_second_result_of_the_day_does_not_overwrite_the_first(tmp_path):
     assert bench_report.output_path(tmp_path, "NVIDIA H100 80GB HBM3").name == first.stem + "-2.json"
 
 
+def test_small_cnn_quick_run_writes_every_comparison_with_provenance(small):
+    path, printed = small
+    assert re.fullmatch(r"small-cnn-cpu-[a-z0-9-]+-\d{4}-\d{2}-\d{2}\.json", path.name)
+    result = json.loads(path.read_text())
+    for key in ("device", "megabatch", "torch", "torchvision", "python", "host", "git_commit", "command", "note",
+                "settings", "train_step", "megabatch_vs_plain", "ghost_bn", "noise_scale"):
+        assert key in result, key
+    assert result["model"] == "small-cnn" and result["flags"]["model"] == "small-cnn" and result["flags"]["quick"]
+    settings = result["settings"]
+    assert settings["recipe"] == "fashion-mnist-demo" and settings["image"] == [1, 28, 28]
+    assert settings["global_batch"] == 128 and settings["micro_batch"] == 64 and settings["micro_batches"] == 2
+    native = native_bf16(torch.device("cpu"))
+    assert settings["native_bf16"] == native and settings["threads"] == 1
+    entries = {(e["loop"], e["precision"], e["plain_bn"], e["noise_scale"]): e for e in result["train_step"]}
+    for precision in ("fp32", "bf16"):  # bf16 is measured, emulated or not
+        assert ("plain", precision, False, False) in entries and ("megabatch", precision, False, False) in entries
+    assert ("megabatch", "fp32", True, False) in entries and ("megabatch", "fp32", False, True) in entries
+    for (loop, precision, plain_bn, _), entry in entries.items():
+        low, high = entry["spread"]
+        assert positive(entry["images_per_s"]) and low <= entry["images_per_s"] <= high
+        assert len(entry["per_repeat"]) == 2 and entry["batch_size"] == 128 and entry["steps_per_repeat"] == 1
+        plain = entries[("plain", precision, False, False)]
+        assert entry["ratio_to_plain"] == pytest.approx(entry["images_per_s"] / plain["images_per_s"])
+        assert entry["per_worker_batch"] == (None if loop == "plain" else 64 if plain_bn else 32)
+        assert (entry.get("native_bf16") == native) if precision == "bf16" else "native_bf16" not in entry
+        assert entry["name"] in printed and ("(emulated)" in entry["name"]) == (precision == "bf16" and not native)
+
+    def rate(*key):
+        return entries[key]["images_per_s"]
+
+    vs_plain = result["megabatch_vs_plain"]
+    for precision in ("fp32", "bf16"):
+        assert vs_plain[precision]["ratio"] == pytest.approx(rate("megabatch", precision, False, False)
+                                                             / rate("plain", precision, False, False))
+    assert vs_plain["bf16"]["native_bf16"] == native
+    ghost = result["ghost_bn"]["fp32"]
+    assert ghost["ratio"] == pytest.approx(rate("megabatch", "fp32", False, False)
+                                           / rate("megabatch", "fp32", True, False))
+    assert ghost["group"] == 32 and ghost["plain_group"] == 64 and ghost["target"] == 0.95
+    noise = result["noise_scale"]["fp32"]
+    assert noise["ratio"] == pytest.approx(rate("megabatch", "fp32", False, True)
+                                           / rate("megabatch", "fp32", False, False))
+    assert noise["overhead"] == pytest.approx(1 / noise["ratio"] - 1) and noise["target"] == 0.05
+    for ratio in (*vs_plain.values(), ghost, noise):
+        assert len(ratio["paired_ratios"]) == 2 and positive(ratio["paired_median"])
+    assert ("bf16" in result["ghost_bn"]) == native and ("bf16" in result["noise_scale"]) == native
+    for line in ("megabatch / plain PyTorch, fp32", "ghost BN / plain BN, fp32", "noise_scale on / off, fp32"):
+        assert line in printed
+    assert printed.rstrip().endswith(f"wrote {path}")
+
+
+def test_interleaved_runs_the_configurations_in_turn():
+    calls = []
+    timed = bench_timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                     {"a": 2, "b": 1}, "cpu", 8, 3)
+    assert calls == ["a", "a", "b", "b", "a", "a", "a", "a", "b"]  # each round starts one later
+    assert all(len(m["per_repeat"]) == 3 and positive(m["images_per_s"]) for m in timed.values())
+    ratio = bench_timing.compare({"images_per_s": 6.0, "per_repeat": [4.0, 6.0, 9.0]},
+                                 {"images_per_s": 3.0, "per_repeat": [2.0, 3.0, 3.0]})
+    assert ratio["ratio"] == 2.0 and ratio["paired_ratios"] == [2.0, 2.0, 3.0] and ratio["paired_spread"] == [2.0, 3.0]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--batch", "0"], "--batch must be at least 4, not 0"),
     (["--batch", "5"], "give an even batch"),
@@ -131,6 +207,10 @@ def test_a_second_result_of_the_day_does_not_overwrite_the_first(tmp_path):
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--data", "/nonexistent"], "--data /nonexistent is not a folder"),
     (["--data", "."], "train is missing"),
+    (["--model", "small-cnn", "--image-size", "64"], "--image-size is for --model resnet50"),
+    (["--model", "small-cnn", "--batch", "100"], "not divisible by per_worker_batch"),
+    (["--model", "small-cnn", "--batch", "64"], "the noise scale needs two or more"),
+    (["--model", "small-cnn", "--warmup", "0"], "--warmup 0 needs --steps N"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
     out = tmp_path / "results"

@@ -1,6 +1,7 @@
-"""``megabatch bench``: what ResNet-50 training does on this machine, in images/s.
+"""``megabatch bench``: what training does on this machine, in images/s.
 
-One process measures:
+``--model small-cnn`` measures the demo recipe's step against a plain PyTorch loop
+(:mod:`megabatch.bench_small`). For ResNet-50 (the default), one process measures:
 
 * the train step: megabatch's own :func:`~megabatch.train.train_step` on a Run that
   :func:`~megabatch.build.build_run` builds from the paper's recipe (emulated workers, ghost
@@ -24,18 +25,14 @@ that the command line starts without it.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import resource
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
 
 from megabatch.bench_report import COLUMNS, output_path, row, time_lines, where_the_time_goes
+from megabatch.bench_timing import measure, peak_rss_bytes, release
 from megabatch.errors import UserError
 
 RECIPE = "paper-resnet50-imagenet-32k"
@@ -46,20 +43,30 @@ GHOST_GROUP = 32  # the paper's images per worker
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` flags to ``parser`` (a subcommand's parser)."""
+    from megabatch import bench_small
+
     add = parser.add_argument
+    add("--model", default="resnet50", choices=["resnet50", "small-cnn"],
+        help="resnet50 (the paper's recipe, the input pipeline, end to end) or small-cnn (the demo "
+             "recipe's step beside a plain PyTorch loop, ghost against plain BN, the noise scale's cost)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to measure (auto: a GPU if any)")
-    add("--image-size", type=int, metavar="N", help="image side (224 on a GPU, 64 on a CPU)")
-    add("--batch", type=int, metavar="N", help="images per step (256 on a GPU, 32 on a CPU)")
-    add("--steps", type=int, metavar="N", help="steps per timed repeat (20 on a GPU, 5 on a CPU)")
-    add("--warmup", type=int, metavar="N", help="untimed steps before each measurement (3 on a GPU, 1 on a CPU)")
-    add("--repeats", type=int, metavar="N", help="timed repeats: median and min-max (5 on a GPU, 3 on a CPU)")
+    add("--image-size", type=int, metavar="N", help="resnet50: image side (224 on a GPU, 64 on a CPU)")
+    add("--batch", type=int, metavar="N", help="images per step (resnet50: 256 on a GPU, 32 on a CPU; "
+                                               "small-cnn: the demo recipe's)")
+    add("--steps", type=int, metavar="N", help="steps per timed repeat (resnet50: 20 on a GPU, 5 on a CPU; "
+                                               f"small-cnn: about {bench_small.REPEAT_SECONDS:g} s of them)")
+    add("--warmup", type=int, metavar="N", help="untimed steps before each measurement (3 on a GPU, 1 on a CPU; "
+                                                "small-cnn: 2 on a CPU)")
+    add("--repeats", type=int, metavar="N", help="timed repeats: median and min-max (resnet50: 5 on a GPU, "
+                                                 f"3 on a CPU; small-cnn: {bench_small.REPEATS}, interleaved)")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="also measure torch.compile on the fastest eager setting (default: on a GPU)")
-    add("--data", metavar="DIR", help="ImageNet-layout folder of JPEGs for the input pipeline "
+        help="resnet50: also measure torch.compile on the fastest eager setting (default: on a GPU)")
+    add("--data", metavar="DIR", help="resnet50: ImageNet-layout folder of JPEGs for the input pipeline "
                                       "(default: a generated one, 10 classes x 64 images of 320x320)")
     add("--out", metavar="DIR", default="benchmarks/results",
-        help="folder of the result <device>-<date>.json (benchmarks/results)")
-    add("--quick", action="store_true", help="a tiny run for tests: 32x32, batch 8, one step, fp32 only")
+        help="folder of the result [small-cnn-]<device>-<date>.json (benchmarks/results)")
+    add("--quick", action="store_true", help="a tiny run for tests (resnet50: 32x32, batch 8, one step, fp32 only; "
+                                             "small-cnn: batch 128 in micro-batches of 64, one step)")
 
 
 @dataclass(frozen=True)
@@ -127,40 +134,6 @@ def settings(args: argparse.Namespace) -> Settings:
         memory_formats=("contiguous",) if args.quick else ("contiguous", "channels_last"),
         compile=args.compile if args.compile is not None else gpu and not args.quick,
         quick=args.quick, note=note.lstrip("; "))
-
-
-def measure(step: Callable[[], Any], s: Settings, images: int, warmup: int | None = None) -> dict[str, Any]:
-    """Images/s of ``step`` (``images`` per call): median and min-max of the repeats."""
-    import torch
-
-    cuda = s.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(s.warmup if warmup is None else warmup):
-        step()
-    sync()
-    rates = []
-    for _ in range(s.repeats):
-        start = time.perf_counter()
-        for _ in range(s.steps):
-            step()
-        sync()
-        rates.append(images * s.steps / (time.perf_counter() - start))
-    result = {"images_per_s": statistics.median(rates), "spread": [min(rates), max(rates)], "per_repeat": rates}
-    if cuda:
-        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    return result
-
-
-def release() -> None:
-    """Free what the last measurement held (models, compiled graphs, cached blocks)."""
-    import torch
-
-    gc.collect()
-    torch.compiler.reset()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def megabatch_run(s: Settings, config: Config, per_worker: int, out: Path, jpegs: tuple | None = None):
@@ -269,17 +242,14 @@ def matmul_size(s: Settings) -> int:
     return 512 if s.quick else 8192 if s.device != "cpu" else 2048
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table as it goes, write the JSON result; 0 on success."""
     import torch
 
-    from megabatch import bench_input, provenance, recipe as recipes
+    from megabatch import bench_input, bench_small, provenance, recipe as recipes
 
+    if args.model == "small-cnn":
+        return bench_small.run(args)
     s = settings(args)
     device = torch.device(s.device)
     out = Path(args.out)
@@ -364,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
                                                      if "peak_memory_bytes" in m else {})}
 
     result = {
-        "device": device_name, **provenance.collect(device), "note": s.note,
+        "device": device_name, **provenance.collect(device), "model": "resnet50", "note": s.note,
         "settings": {**asdict(s), "recipe": RECIPE, "data": args.data or "generated (megabatch.data.tiny_imagenet)",
                      "training_images": images,
                      "cudnn_benchmark": {"baseline": False, "megabatch": recipes.load(RECIPE).train.cudnn_benchmark}},

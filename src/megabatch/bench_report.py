@@ -8,14 +8,29 @@ import time
 from pathlib import Path
 
 COLUMNS = f"{'measurement':<58} {'images/s':>10} {'spread (min-max)':>19} {'vs baseline':>11} {'MFU':>6}"
+SMALL_WIDTH = 68  # the small CNN's measurement names
+SMALL_COLUMNS = f"{'measurement':<{SMALL_WIDTH + 2}} {'images/s':>10} {'spread (min-max)':>19} {'vs plain':>11}"
 
 
-def row(name: str, m: dict, baseline: float | None = None, mfu: float | None = None) -> str:
+def row(name: str, m: dict, baseline: float | None = None, mfu: float | None = None, width: int = 56) -> str:
     """One line of the table: median images/s, min-max, ratio to the baseline, MFU."""
     lo, hi = m["spread"]
     ratio = f"{m['images_per_s'] / baseline:.2f}x" if baseline else ""
-    return (f"  {name:<56} {m['images_per_s']:>10,.1f} {f'{lo:,.1f}-{hi:,.1f}':>19} {ratio:>11} "
-            f"{f'{100 * mfu:.1f}%' if mfu is not None else '':>6}")
+    return (f"  {name:<{width}} {m['images_per_s']:>10,.1f} {f'{lo:,.1f}-{hi:,.1f}':>19} {ratio:>11} "
+            f"{f'{100 * mfu:.1f}%' if mfu is not None else '':>6}").rstrip()
+
+
+def ratio_line(label: str, r: dict) -> str:
+    """One ratio of two configurations timed side by side (:func:`megabatch.bench_timing.compare`),
+    with its target where it has one."""
+    lo, hi = r["paired_spread"]
+    line = f"  {label:<{SMALL_WIDTH}} {r['ratio']:>9.3f}x  per repeat {lo:.3f}-{hi:.3f}"
+    if "overhead" in r:
+        line += f"; overhead {100 * r['overhead']:+.1f}% of the step"
+    if "target" in r:
+        goal = f">= {r['target']:.2f}x" if "overhead" not in r else f"<= {100 * r['target']:.0f}%"
+        line += f" (target {goal}: {'met' if r['meets_target'] else 'NOT met'})"
+    return line
 
 
 def where_the_time_goes(train_step: float, baseline: float, input_pipeline: float, end_to_end: float) -> dict:
@@ -48,9 +63,11 @@ def time_lines(summary: dict, train_name: str, input_name: str) -> list[str]:
             f"{100 * summary['end_to_end_over_train_step']:.0f}% of the train step's images/s"]
 
 
-def output_path(out: Path, device: str) -> Path:
-    """``out/<device slug>-<date>.json``; a second result of the same day gets -2, -3, ..."""
+def output_path(out: Path, device: str, model: str = "resnet50") -> Path:
+    """``out/<device slug>-<date>.json`` (ResNet-50) or ``out/<model>-<device slug>-<date>.json``;
+    a second result of the same day gets -2, -3, ..."""
     stem = f"{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}-{time.strftime('%Y-%m-%d')}"
+    stem = stem if model == "resnet50" else f"{model}-{stem}"
     path, n = out / f"{stem}.json", 2
     while path.exists():
         path, n = out / f"{stem}-{n}.json", n + 1
