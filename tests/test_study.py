@@ -52,6 +52,9 @@ def test_tiny_study_end_to_end_and_resumable(tmp_path, capsys, fashion_dir):
 
     # An interrupted study continues: only the unfinished run is trained again.
     (out / "runs" / "paper" / "b256-s0" / "result.json").unlink()
+    assert main(["study", "--spec", str(spec), "--out", str(out), "--report"]) == 0  # trains nothing
+    partial = (out / "report.md").read_text()
+    assert "Partial: 1 of the 5 planned runs" in partial and "| paper | missing |" in partial
     capsys.readouterr()
     assert main(["study", "--spec", str(spec), "--out", str(out)]) == 0
     printed = capsys.readouterr().out

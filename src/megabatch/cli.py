@@ -115,11 +115,17 @@ def cmd_study(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    (out / "study.json").write_text(json.dumps(
-        {**provenance.collect(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-         "spec": args.spec, "epochs": spec.epochs, "batches": list(spec.batches),
-         "runs": len(spec.runs())}, indent=2) + "\n")
-    results = run_study(spec, out, args.data, args.parallel)
+    if not args.report:  # the provenance of the runs, not of a later report
+        (out / "study.json").write_text(json.dumps(
+            {**provenance.collect(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+             "spec": args.spec, "epochs": spec.epochs, "batches": list(spec.batches),
+             "runs": len(spec.runs())}, indent=2) + "\n")
+    if args.report:  # what has finished so far, nothing trained
+        from megabatch.study.runner import read_result
+
+        results = [r for r in (read_result(out, run) for run in spec.runs()) if r is not None]
+    else:
+        results = run_study(spec, out, args.data, args.parallel)
     write_csv(results, out / "results.csv")
     note = ""
     if args.epochs or batches or seeds or args.set:
@@ -206,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="a reduced grid: this epoch budget instead of the spec's")
     p.add_argument("--batches", help="a reduced grid: these batches (comma-separated) instead of the spec's")
     p.add_argument("--seeds", help="a reduced grid: only these seeds (comma-separated) of each cell")
+    p.add_argument("--report", action="store_true",
+                   help="only write results.csv, report.md and plots from the runs finished so far")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value in every run, after the spec's own (repeatable)")
     p.set_defaults(func=cmd_study)

@@ -59,9 +59,18 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
     baseline_method = spec.methods[0].name
     base_values = [v for (m, _), vs in table.items() if m == baseline_method for v in vs]
     baseline, _ = mean_spread(base_values)
+    planned: dict[tuple[str, int], int] = defaultdict(int)
+    for run in spec.runs():
+        planned[run.method.name, run.batch] += 1
+    batches = sorted({b for _, b in planned} | set(batches))
+    missing = sum(planned.values()) - len(results)
     lines = [f"# Study {spec.name}", "", spec.description, "",
              f"{len(results)} runs, {spec.epochs} epochs each. Final test top-1 (%), mean ± standard "
              f"deviation over seeds (n); \"diverged\" = the loss became NaN or infinite.", ""]
+    if missing > 0:
+        lines += [f"**Partial: {missing} of the {sum(planned.values())} planned runs have not finished yet.** "
+                  f"\"missing\" marks a cell with no finished run; (n of m) a cell with fewer seeds than "
+                  f"planned. `megabatch study` with the same --out continues the study.", ""]
     if note:
         lines += [note, ""]
     lines += ["| method | " + " | ".join(f"{b:,}" for b in batches) + " |",
@@ -69,12 +78,13 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
     for method in spec.methods:
         row = []
         for batch in batches:
-            values = table.get((method.name, batch))
+            values, wanted = table.get((method.name, batch)), planned.get((method.name, batch), 0)
             if not values:
-                row.append("")
+                row.append("missing" if wanted else "")
                 continue
             mean, spread = mean_spread(values)
-            row.append("diverged" if math.isnan(mean) else f"{mean:.2f} ± {spread:.2f} ({len(values)})")
+            count = f"{len(values)}" if len(values) >= wanted else f"{len(values)} of {wanted}"
+            row.append("diverged" if math.isnan(mean) else f"{mean:.2f} ± {spread:.2f} ({count})")
         lines.append(f"| {method.name} | " + " | ".join(row) + " |")
     lines += ["", f"Small-batch reference ({baseline_method}): {baseline:.2f}%. Largest batch at which each "
               f"method stays within {TOLERANCE:g} point of it:", ""]
@@ -92,6 +102,8 @@ def plot(spec: StudySpec, results: Sequence[dict[str, Any]], out: Path) -> list[
     plt = pyplot()
     table = cells(results)
     written = []
+    if not results:
+        return written
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in spec.methods:
         if method.ablation_of:
@@ -113,8 +125,10 @@ def plot(spec: StudySpec, results: Sequence[dict[str, Any]], out: Path) -> list[
     for r in results:
         if r["batch"] == largest and r["seed"] == min(x["seed"] for x in results):
             curve = [c if c is not None else float("nan") for c in r["curve"]]
-            ax.plot(range(1, len(curve) + 1), curve, marker=".", label=r["method"])
-    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"batch {largest:,}")
+            per_epoch = r["steps"] / max(r["epochs"], 1)
+            ax.plot([per_epoch * e for e in range(1, len(curve) + 1)], curve, marker=".", markersize=3,
+                    label=r["method"])
+    ax.set(xlabel="optimizer steps", ylabel="test top-1 (%)", title=f"every method at batch {largest:,}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -91,10 +91,13 @@ def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads:
     start = time.perf_counter()
     with open(log, "a") as f:  # streamed, so a long run's progress can be followed
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
-    if proc.returncode not in (0, 1):
-        last = (log.read_text().strip().splitlines() or ["no output"])[-1]
+    text = log.read_text()
+    # Exit 1 is also Python's status for a crash: only the trainer's own line says "diverged".
+    diverged = proc.returncode == 1 and "megabatch: error: training diverged" in text
+    if proc.returncode != 0 and not diverged:
+        last = (text.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"study run {run.key} failed ({last}); see {log}")
-    result = summarize(run, folder, diverged=proc.returncode == 1, wall_time_s=time.perf_counter() - start)
+    result = summarize(run, folder, diverged=diverged, wall_time_s=time.perf_counter() - start)
     tmp = folder / ".result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, folder / "result.json")  # the run counts as finished only now
