@@ -191,9 +191,9 @@ def test_small_cnn_quick_run_writes_every_comparison_with_provenance(small):
 
 def test_interleaved_runs_the_configurations_in_turn():
     calls = []
-    timed = bench_timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                     {"a": 2, "b": 1}, "cpu", 8, 3)
-    assert calls == ["a", "a", "b", "b", "a", "a", "a", "a", "b"]  # each round starts one later
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timed = bench_timing.interleaved(steps, {"a": 2, "b": 1, "c": 1}, "cpu", 8, 3)
+    assert "".join(calls) == "aabc" + "cbaa" + "aabc"  # every other round in reverse
     assert all(len(m["per_repeat"]) == 3 and positive(m["images_per_s"]) for m in timed.values())
     ratio = bench_timing.compare({"images_per_s": 6.0, "per_repeat": [4.0, 6.0, 9.0]},
                                  {"images_per_s": 3.0, "per_repeat": [2.0, 3.0, 3.0]})

@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
           f"{s.global_batch // s.micro_batch} micro-batches of {s.micro_batch}")
     if s.note:
         print(f"note: {s.note}")
-    print(f"{len(cs)} configurations timed round-robin: {s.repeats} repeat(s) of "
+    print(f"{len(cs)} configurations timed round-robin (every other round reversed): {s.repeats} repeat(s) of "
           f"{s.steps or f'about {REPEAT_SECONDS:g} s of'} step(s) each, after {s.warmup} warm-up step(s); "
           f"median images/s and min-max; load average {load_before[0]:.2f}")
     timed, losses, counts, plain_loop = measure_all(s, cs)
@@ -255,8 +255,8 @@ def run(args: argparse.Namespace) -> int:
                      "model": MODEL, "image": [1, 28, 28], "data": "synthetic, on the device",
                      "micro_batches": s.global_batch // s.micro_batch, "threads": torch.get_num_threads(),
                      "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "plain_loop": plain_loop,
-                     "order": "configurations timed round-robin, one repeat each in turn, each round starting "
-                              "one configuration later", "load_average_1min": [load_before[0], load_after[0]]},
+                     "order": "configurations timed round-robin, one repeat of each in turn, every other round "
+                              "in reverse order", "load_average_1min": [load_before[0], load_after[0]]},
         "train_step": entries, **ratios,
     }
     path = output_path(out, device_name, MODEL)

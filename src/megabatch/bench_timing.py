@@ -3,7 +3,9 @@ timings of ``steps`` steps each, summarized as the median images/s and the min-m
 
 :func:`measure` times one configuration after another (the ResNet-50 bench).
 :func:`interleaved` times several configurations round-robin, one repeat of each in
-turn, so that a busy shared machine slows every side of a comparison alike;
+turn, every other round in reverse order (A B C, C B A, ...: a slow drift of the machine
+cancels over two rounds, and no configuration always follows the same one), so that a
+busy shared machine slows every side of a comparison alike;
 :func:`compare` then gives their ratio, and the ratio of each repeat with its partner.
 """
 
@@ -70,14 +72,14 @@ def warm_up(steps: dict[str, Callable[[], Any]], device: str, calls: int) -> dic
 def interleaved(steps: dict[str, Callable[[], Any]], counts: dict[str, int], device: str, images: int,
                 repeats: int, after_repeat: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
     """Images/s of every step function of ``steps`` (``images`` per call), timed in turn:
-    repeat r times ``counts[name]`` calls of each, the round starting at the r-th
-    configuration (none always follows the same one). ``after_repeat(r)`` reports progress."""
+    each round times ``counts[name]`` calls of each, in order in even rounds and in reverse
+    in odd ones (the module's docstring says why). ``after_repeat(r)`` reports progress."""
     sync = _sync(device)
     sync()
     names = list(steps)
     rates: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names if r % 2 == 0 else names[::-1]:
             start = time.perf_counter()
             for _ in range(counts[name]):
                 steps[name]()
