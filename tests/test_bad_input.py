@@ -51,6 +51,9 @@ ROWS = [
     (["eval", "--checkpoint", "{nan_checkpoint}"], 1, "holds NaN or infinite weights (0.weight)"),
     (["eval", "--checkpoint", "{truncated_checkpoint}"], 2, "truncated or corrupt"),
     # commands
+    (["noise-scale", "--recipe", "fashion-mnist-demo", "--steps", "1"], 2, "--steps must be at least 2"),
+    (["noise-scale", "--recipe", "fashion-mnist-demo", "--set", "batch.micro_batch=2048"], 2,
+     "holds a single micro-batch"),
     (["schedule", "--recipe", "fashion-mnist-demo", "--epochs", "1,x"], 2, "comma-separated numbers"),
     (["train", "--resume", "/nonexistent-run"], 2, "is not a run directory"),
     (["train", "--resume", "{tmp}"], 2, "holds no complete checkpoint to resume from"),

@@ -158,3 +158,16 @@ def test_measure_rejects_batches_that_do_not_split():
         noise.measure(model, half_squared_error, data, pieces=4)
     with pytest.raises(ValueError, match="at least 2"):
         noise.measure(model, half_squared_error, data[:1], pieces=2)
+
+
+def test_noise_scale_command_on_the_demo_recipe(capsys, fashion_dir):
+    from megabatch.cli import main
+
+    assert main(["noise-scale", "--recipe", "fashion-mnist-demo", "--steps", "3", "--data", str(fashion_dir),
+                 "--set", "data.train_subset=8192", "--set", "train.precision=fp32"]) == 0
+    out = capsys.readouterr().out
+    value = float(out.split("B_simple = ")[1].split(" images")[0].replace(",", ""))
+    assert 10 < value < 500  # at initialization the demo's is about 55 (README)
+    assert "3 batches of 2048 split into 8 of 256" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("2,048", "8,192"))]
+    assert [float(r[1]) for r in rows] == pytest.approx([1 + value / 2048, 1 + value / 8192], abs=0.006)

@@ -63,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
 
     m = noise.measure(model, lambda logits, y: F.cross_entropy(logits, y), batches(), plan.micro_batches,
                       args.steps)
+    if not m.grad_sq_norm > 0 or not m.ci_low > 0:
+        print(f"{recipe.name} at {where}: B_simple is not resolved: |G|^2 estimates to {m.grad_sq_norm:.3g} "
+              f"(tr(Sigma) {m.trace_sigma:.4g}) over {m.batches} batches of {m.b_big}, so the true gradient is "
+              f"lost in its noise (near a minimum the critical batch grows without bound); measure with "
+              f"more --steps, or earlier in training")
+        return 0
     print(f"{recipe.name} at {where}: gradient noise scale B_simple = {m.noise_scale:,.0f} images "
           f"(95% interval {m.ci_low:,.0f} to {m.ci_high:,.0f}; {m.batches} batches of {m.b_big} split into "
           f"{m.b_big // m.b_small} of {m.b_small}); |G|^2 = {m.grad_sq_norm:.4g}, tr(Sigma) = {m.trace_sigma:.4g}")
