@@ -117,12 +117,14 @@ def test_first_seeds_run_first():
 
 
 def test_paper_budget_spec_in_tiny_form(tmp_path, fashion_dir):
-    """The built-in spec end to end, one epoch on a subset and one seed: every cell trains."""
+    """The built-in spec end to end, one epoch on a subset (at most 2 steps) and one seed:
+    every cell of the grid trains and reports."""
     out = tmp_path / "study"
     assert main(["study", "--spec", "fashion-mnist-paper-budget", "--out", str(out), "--epochs", "1",
                  "--seeds", "0", "--parallel", "2", "--data", str(fashion_dir),
-                 "--set", "data.train_subset=8192", "--set", "data.test_subset=500"]) == 0
+                 "--set", "data.train_subset=8192", "--set", "data.test_subset=500",
+                 "--set", "train.max_steps=2"]) == 0
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 13 and all(r["epochs"] == "1" for r in rows)
-    assert {int(r["steps"]) for r in rows} == {64, 4, 1}  # 8192 images at batches 128, 2048, 8192
+    assert {(r["batch"], int(r["steps"])) for r in rows} == {("128", 2), ("2048", 2), ("8192", 1)}
     assert "Reduced grid" in (out / "report.md").read_text()

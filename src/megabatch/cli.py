@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     configure_simulate(p)
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("bench", help="measure training and input-pipeline images/s of ResNet-50 here")
+    p = sub.add_parser("bench", help="measure training (and input-pipeline) images/s here: ResNet-50, or the study model with --model small-cnn")
     configure_bench(p)
     p.set_defaults(func=cmd_bench)
     return parser
