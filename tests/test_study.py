@@ -128,3 +128,14 @@ def test_paper_budget_spec_in_tiny_form(tmp_path, fashion_dir):
     assert len(rows) == 13 and all(r["epochs"] == "1" for r in rows)
     assert {(r["batch"], int(r["steps"])) for r in rows} == {("128", 2), ("2048", 2), ("8192", 1)}
     assert "Reduced grid" in (out / "report.md").read_text()
+
+
+def test_report_of_a_study_with_nothing_finished_marks_every_cell_missing(tmp_path):
+    from megabatch.study.report import write_markdown
+
+    spec = load_spec("fashion-mnist-paper-budget")
+    write_markdown(spec, [], tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert "Partial: 22 of the 22 planned runs have not finished yet" in report
+    assert "| baseline | missing |  |  |" in report and "| linear |  | missing | missing |" in report
+    assert "not finished yet, so no method is compared" in report

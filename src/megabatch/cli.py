@@ -115,21 +115,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
+    note = ""
     if not args.report:  # the provenance of the runs, not of a later report
         (out / "study.json").write_text(json.dumps(
             {**provenance.collect(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
              "spec": args.spec, "epochs": spec.epochs, "batches": list(spec.batches),
              "runs": len(spec.runs())}, indent=2) + "\n")
     if args.report:  # what has finished so far, nothing trained
-        from megabatch.study.runner import read_result
+        from megabatch.study.runner import read_result, unfinished
 
         results = [r for r in (read_result(out, run) for run in spec.runs()) if r is not None]
+        note = "\n".join(f"- in progress: {line}" for line in unfinished(spec, out))
     else:
         results = run_study(spec, out, args.data, args.parallel)
     write_csv(results, out / "results.csv")
-    note = ""
     if args.epochs or batches or seeds or args.set:
-        note = (f"Reduced grid: {spec.epochs} epochs per run, batches {list(spec.batches)}"
+        note += "\n\n" if note else ""
+        note += (f"Reduced grid: {spec.epochs} epochs per run, batches {list(spec.batches)}"
                 + (f", seeds {seeds}" if seeds else "") + (f", --set {' '.join(args.set)}" if args.set else "")
                 + f" (the spec's own: `megabatch study --spec {args.spec}` without those flags).")
     write_markdown(spec, results, out / "report.md", note)

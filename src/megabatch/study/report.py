@@ -32,7 +32,7 @@ def cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, int], list[float
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
-    if any(math.isnan(v) for v in values):
+    if not values or any(math.isnan(v) for v in values):
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -86,11 +86,15 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
             count = f"{len(values)}" if len(values) >= wanted else f"{len(values)} of {wanted}"
             row.append("diverged" if math.isnan(mean) else f"{mean:.2f} ± {spread:.2f} ({count})")
         lines.append(f"| {method.name} | " + " | ".join(row) + " |")
-    lines += ["", f"Small-batch reference ({baseline_method}): {baseline:.2f}%. Largest batch at which each "
-              f"method stays within {TOLERANCE:g} point of it:", ""]
-    for name, batch in largest_keeping_up(spec, results, baseline).items():
-        if name != baseline_method:
-            lines.append(f"- {name}: {f'{batch:,}' if batch else 'none of the tested batches'}")
+    if math.isnan(baseline):
+        lines += ["", f"Small-batch reference ({baseline_method}): not finished yet, so no method is "
+                      f"compared with it."]
+    else:
+        lines += ["", f"Small-batch reference ({baseline_method}): {baseline:.2f}%. Largest batch at which each "
+                  f"method stays within {TOLERANCE:g} point of it:", ""]
+        for name, batch in largest_keeping_up(spec, results, baseline).items():
+            if name != baseline_method:
+                lines.append(f"- {name}: {f'{batch:,}' if batch else 'none of the tested batches'}")
     lines += ["", "Per run: `results.csv`; plots: `accuracy_vs_batch.png`, `curves_largest_batch.png`, "
               "`ablations.png`.", ""]
     path.write_text("\n".join(lines))

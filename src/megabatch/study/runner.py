@@ -67,6 +67,18 @@ def first_seeds_first(grid: list[Run]) -> list[Run]:
     return [run for _, run in sorted(zip(rank, grid), key=lambda pair: pair[0])]
 
 
+def unfinished(spec: StudySpec, out: Path) -> list[str]:
+    """Where each started but unfinished run stands: "<key> at epoch E of N (top-1 T%)"."""
+    lines = []
+    for run in spec.runs():
+        metrics = run_dir(out, run) / "metrics.jsonl"
+        if read_result(out, run) is None and metrics.is_file() and metrics.read_text().strip():
+            last = json.loads(metrics.read_text().strip().splitlines()[-1])
+            lines.append(f"{run.key} at epoch {last['epoch']} of {spec.epochs}"
+                         + (f" (test top-1 {last['test_top1']:.2f}%)" if "test_top1" in last else ""))
+    return lines
+
+
 def resumable(folder: Path) -> bool:
     """Whether an unfinished run in ``folder`` has a checkpoint to continue from."""
     return (folder / "recipe.toml").is_file() and any((folder / "checkpoints").glob("step-*.pt"))
