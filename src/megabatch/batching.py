@@ -20,6 +20,11 @@ DEFAULT_MAX_MICRO_BATCH = 1024  # on a GPU
 CPU_MAX_MICRO_BATCH = 256  # small passes stay in a CPU's caches
 
 
+def max_micro_batch(device_type: str) -> int:
+    """The largest automatic micro-batch on a device of this type ("cpu", "cuda")."""
+    return CPU_MAX_MICRO_BATCH if device_type == "cpu" else DEFAULT_MAX_MICRO_BATCH
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     global_batch: int

@@ -86,7 +86,7 @@ def settings(args: argparse.Namespace) -> Settings:
     import torch
 
     from megabatch import recipe as recipes
-    from megabatch.batching import CPU_MAX_MICRO_BATCH, DEFAULT_MAX_MICRO_BATCH, BatchPlan
+    from megabatch.batching import BatchPlan, max_micro_batch
     from megabatch.build import native_bf16
 
     for flag in RESNET_ONLY:
@@ -112,7 +112,7 @@ def settings(args: argparse.Namespace) -> Settings:
     repeats = pick(args.repeats, "repeats", 2, REPEATS)
     micro = 64 if args.quick else 0
     plan = BatchPlan.create(batch, demo.per_worker_batch, micro,
-                            max_micro_batch=DEFAULT_MAX_MICRO_BATCH if gpu else CPU_MAX_MICRO_BATCH)
+                            max_micro_batch=max_micro_batch("cuda" if gpu else "cpu"))
     if plan.micro_batches < 2:
         raise UserError(f"--batch {batch} is a single micro-batch of {plan.micro_batch} here: the noise scale "
                         f"needs two or more; give a larger --batch (the demo's is {demo.global_batch})")

@@ -26,7 +26,7 @@ from torch import nn
 
 from megabatch import checkpoint, distributed, models, provenance, schedules
 from megabatch import recipe as recipes
-from megabatch.batching import CPU_MAX_MICRO_BATCH, DEFAULT_MAX_MICRO_BATCH, BatchPlan
+from megabatch.batching import BatchPlan, max_micro_batch
 from megabatch.data import load_datasets
 from megabatch.distributed import DistInfo, wrap_model
 from megabatch.errors import UserError
@@ -126,7 +126,7 @@ def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
     configure_backends(device, recipe)
     plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch,
                             recipe.batch.micro_batch, dist.world_size, dist.rank,
-                            CPU_MAX_MICRO_BATCH if device.type == "cpu" else DEFAULT_MAX_MICRO_BATCH)
+                            max_micro_batch(device.type))
     train_data, test_data = load_datasets(recipe.data, data_dir, device.type, recipe.train.seed)
     model = build_model(recipe, train_data.channels, len(train_data.classes), device)
     steps = plan.steps_per_epoch(len(train_data))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from megabatch import checkpoint, noise
 from megabatch import recipe as recipes
-from megabatch.batching import CPU_MAX_MICRO_BATCH, DEFAULT_MAX_MICRO_BATCH, BatchPlan, epoch_order
+from megabatch.batching import BatchPlan, epoch_order, max_micro_batch
 from megabatch.build import build_model, resolve_device
 from megabatch.data import load_datasets
 from megabatch.errors import UserError
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(recipe.train.device)
     train, _ = load_datasets(recipe.data, args.data, device.type, recipe.train.seed)
     plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch, recipe.batch.micro_batch,
-                            max_micro_batch=CPU_MAX_MICRO_BATCH if device.type == "cpu" else DEFAULT_MAX_MICRO_BATCH)
+                            max_micro_batch=max_micro_batch(device.type))
     if plan.micro_batches < 2:
         raise UserError(f"the global batch {plan.global_batch} holds a single micro-batch of {plan.micro_batch}: "
                         f"set batch.micro_batch to a part of it (a multiple of {plan.per_worker_batch})")
