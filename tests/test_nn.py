@@ -75,6 +75,52 @@ def test_channels_last_input_gives_the_same_result():
     torch.testing.assert_close(last.running_var, plain.running_var, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("affine", [True, False])
+def test_compiled_formulation_equals_the_eager_one(layout, affine):
+    """Under torch.compile the layer regroups and calls F.batch_norm once; eagerly it runs
+    PyTorch's kernel on each group in place. Outputs, statistics and gradients agree."""
+    from megabatch.nn import _GroupedBatchNorm, _regrouped_batch_norm
+
+    k = 4
+    upstream = torch.randn(k * B, C, 5, 4, dtype=torch.float64)
+    results = []
+    for formulation in (_GroupedBatchNorm.apply, _regrouped_batch_norm):
+        x = workers_input(k).contiguous(memory_format=layout).requires_grad_()
+        weight = torch.tensor([0.5, 1.5, -2.0], dtype=torch.float64, requires_grad=True) if affine else None
+        bias = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64, requires_grad=True) if affine else None
+        y, mean, var = formulation(x, weight, bias, k, 1e-5)
+        (y * upstream).sum().backward()
+        assert y.is_contiguous(memory_format=layout)
+        results.append([y, mean, var, x.grad] + ([weight.grad, bias.grad] if affine else []))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(eager, compiled, rtol=1e-10, atol=1e-12)
+    _, mean, var, _ = results[0][:4]
+    torch.testing.assert_close(mean.mean(0), worker_stats(workers_input(k), k)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var.mean(0), worker_stats(workers_input(k), k)[1], rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_ghost_batches_equal_separate_bf16_workers():
+    """bf16 activations with fp32 parameters (autocast's case): each group is what
+    nn.BatchNorm2d computes on that group, and the parameter gradients stay fp32."""
+    k = 3
+    x = workers_input(k).to(torch.bfloat16).requires_grad_()
+    layer = GhostBatchNorm2d(C, group_size=B, momentum=1.0)
+    y = layer(x)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32
+    grad_w = torch.zeros(C)
+    for w in range(k):
+        xw = x.detach()[w * B:(w + 1) * B].clone().requires_grad_()
+        worker = nn.BatchNorm2d(C, momentum=1.0)
+        yw = worker(xw)
+        yw.float().square().sum().backward()
+        torch.testing.assert_close(y[w * B:(w + 1) * B], yw, rtol=0, atol=0)
+        torch.testing.assert_close(x.grad[w * B:(w + 1) * B], xw.grad, rtol=0, atol=0)
+        grad_w += worker.weight.grad
+    torch.testing.assert_close(layer.weight.grad, grad_w, rtol=1e-5, atol=1e-5)
+
+
 def worker_stats(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each worker's mean and unbiased variance per channel, averaged over workers."""
     groups = x.reshape(k, B, C, -1).transpose(1, 2).reshape(k, C, -1)

@@ -139,3 +139,51 @@ def test_report_of_a_study_with_nothing_finished_marks_every_cell_missing(tmp_pa
     assert "Partial: 22 of the 22 planned runs have not finished yet" in report
     assert "| baseline | missing |  |  |" in report and "| linear |  | missing | missing |" in report
     assert "not finished yet, so no method is compared" in report
+
+
+STOPPABLE = """
+description = "two runs, one at a time"
+epochs = 6
+batches = [256, 512]
+seeds = [0]
+set = ["data.train_subset=1024", "data.test_subset=200", "batch.micro_batch=256"]
+
+[methods.linear]
+recipe = "fashion-mnist-linear"
+"""
+
+
+def test_sigterm_stops_the_study_and_the_same_command_continues_it(tmp_path, fashion_dir):
+    """SIGTERM to `megabatch study`: no new run starts, the run in progress checkpoints and
+    stops, the report lists it, exit 75; the same command then finishes both runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = tmp_path / "stoppable.toml"
+    spec.write_text(STOPPABLE)
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "megabatch", "study", "--spec", str(spec), "--out", str(out),
+           "--data", str(fashion_dir)]
+    env = {**os.environ, "MEGABATCH_PLAIN_PROGRESS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "runs" / "linear" / "b256-s0"
+    deadline = time.monotonic() + 300
+    while not ((first / "metrics.jsonl").is_file() and (first / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr
+    assert "run the same command again to continue" in stderr.strip().splitlines()[-1]
+    assert not (first / "result.json").exists() and any((first / "checkpoints").glob("step-*.pt"))
+    assert not (out / "runs" / "linear" / "b512-s0").exists()  # never started
+    assert "in progress: linear/b256-s0 at epoch" in (out / "report.md").read_text()
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["batch"], r["epochs"]) for r in rows] == [("256", "6"), ("512", "6")]
+    assert "resum" in (out / "runs" / "linear" / "b256-s0.log").read_text().lower()

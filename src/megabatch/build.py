@@ -14,12 +14,10 @@ import copy
 import functools
 import json
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -36,9 +34,9 @@ from megabatch.optim import LARS, RMSpropWarmup, param_groups
 from megabatch.progress import Progress
 from megabatch.recipe import Recipe, to_toml
 from megabatch.run import Run, total_steps
+from megabatch.signals import stop_on_signals
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # time limits and preemption; SLURM: --signal=USR1@120
 
 
 # --- the device and what the recipe leaves to it ----------------------------------------
@@ -225,19 +223,6 @@ def open_run_dir(recipe: Recipe, resume: str | None, out: str | None,
     if state is None and dist.is_main:  # restarted before the first checkpoint: start over
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     return run_dir, state
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[Callable[[], bool]]:
-    """While inside, SIGTERM and SIGUSR1 only raise a flag (read by the returned function):
-    the loop then finishes its step, checkpoints and stops (see :class:`~megabatch.errors.Preempted`)."""
-    raised: list[int] = []
-    previous = {s: signal.signal(s, lambda number, frame: raised.append(number)) for s in STOP_SIGNALS}
-    try:
-        yield lambda: bool(raised)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def tensorboard_logger(run_dir: Path) -> tuple[Callable[[dict[str, Any], int], None], Callable[[], None]]:

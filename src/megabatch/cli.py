@@ -106,8 +106,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     import json
 
     from megabatch import provenance
+    from megabatch.errors import Preempted
     from megabatch.study import load_spec, run_study
     from megabatch.study.report import plot, write_csv, write_markdown
+    from megabatch.study.runner import read_result, unfinished
 
     batches, seeds = _integers(args.batches, "--batches"), _integers(args.seeds, "--seeds")
     spec = load_spec(args.spec, epochs=args.epochs, batches=batches, seeds=seeds, extra_set=args.set)
@@ -115,19 +117,19 @@ def cmd_study(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    note = ""
+    stopped = None
     if not args.report:  # the provenance of the runs, not of a later report
         (out / "study.json").write_text(json.dumps(
             {**provenance.collect(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
              "spec": args.spec, "epochs": spec.epochs, "batches": list(spec.batches),
              "runs": len(spec.runs())}, indent=2) + "\n")
-    if args.report:  # what has finished so far, nothing trained
-        from megabatch.study.runner import read_result, unfinished
-
-        results = [r for r in (read_result(out, run) for run in spec.runs()) if r is not None]
-        note = "\n".join(f"- in progress: {line}" for line in unfinished(spec, out))
-    else:
-        results = run_study(spec, out, args.data, args.parallel)
+        try:
+            run_study(spec, out, args.data, args.parallel)
+        except Preempted as e:  # the report of what finished is still written
+            stopped = e
+    # The report reads the runs from disk: the same after a full study, a stopped one, or --report.
+    results = [r for r in (read_result(out, run) for run in spec.runs()) if r is not None]
+    note = "\n".join(f"- in progress: {line}" for line in unfinished(spec, out))
     write_csv(results, out / "results.csv")
     if args.epochs or batches or seeds or args.set:
         note += "\n\n" if note else ""
@@ -137,6 +139,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     write_markdown(spec, results, out / "report.md", note)
     written = plot(spec, results, out)
     print(f"wrote {out / 'results.csv'}, {out / 'report.md'}" + "".join(f", {p}" for p in written))
+    if stopped is not None:
+        raise stopped
     return 0
 
 

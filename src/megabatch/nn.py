@@ -65,20 +65,14 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             raise ValueError(
                 f"batch of {n} images does not split into groups of {self.group_size}"
             )
-        k, c = n // self.group_size, self.num_features
-        # Put the groups side by side as channels, (b, k*c, H, W): one call to
-        # PyTorch's own batch_norm then normalizes every (group, channel) pair
-        # and, with momentum 1, returns each group's mean and unbiased variance.
-        grouped = _groups_as_channels(x, k)
-        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        mean = torch.zeros(k * c, device=x.device, dtype=dtype)
-        var = torch.ones_like(mean)
-        weight = self.weight.repeat(k) if self.affine else None
-        bias = self.bias.repeat(k) if self.affine else None
-        y = F.batch_norm(grouped, mean, var, weight, bias, True, 1.0, self.eps)
-        y = _channels_as_groups(y, k)
+        k = n // self.group_size
+        if torch.compiler.is_compiling():
+            # Inductor fuses the regrouping into its own kernels.
+            y, mean, var = _regrouped_batch_norm(x, self.weight, self.bias, k, self.eps)
+        else:
+            y, mean, var = _GroupedBatchNorm.apply(x, self.weight, self.bias, k, self.eps)
         if self.track_running_stats:
-            self._update_running_stats(mean.view(k, c).mean(0), var.view(k, c).mean(0))
+            self._update_running_stats(mean.mean(0), var.mean(0))
         return y
 
     @torch.no_grad()
@@ -90,6 +84,69 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
                   else self.momentum)
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(var.to(self.running_var.dtype), factor)
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+class _GroupedBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm of each of ``k`` equal slices of the batch, by
+    PyTorch's own BN kernels run on each slice where it lies: the output is
+    written slice by slice into one tensor, and nothing is regrouped.
+
+    Returns ``(y, mean, var)``, the last two of shape (k, C): each group's mean
+    and unbiased variance (PyTorch's running-statistics rule with momentum 1,
+    which stores exactly the batch's figures), not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k, eps):
+        c = x.shape[1]
+        mean = torch.zeros(k, c, device=x.device, dtype=_stat_dtype(x))
+        var = torch.ones_like(mean)
+        saved_mean, saved_invstd = torch.empty_like(mean), torch.empty_like(mean)
+        y = torch.empty_like(x)  # keeps x's memory format; slices along N stay dense
+        for i, (xi, yi) in enumerate(zip(x.chunk(k), y.chunk(k))):
+            torch.ops.aten.native_batch_norm.out(
+                xi, weight, bias, mean[i], var[i], True, 1.0, eps,
+                out=yi, save_mean=saved_mean[i], save_invstd=saved_invstd[i])
+        ctx.save_for_backward(x, weight, saved_mean, saved_invstd)
+        ctx.k, ctx.eps = k, eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, saved_mean, saved_invstd = ctx.saved_tensors
+        affine = weight is not None
+        mask = [ctx.needs_input_grad[0], affine and ctx.needs_input_grad[1],
+                affine and ctx.needs_input_grad[2]]
+        grad_x = torch.empty_like(x) if mask[0] else None
+        grad_weight, grad_bias = [], []
+        for i, (xi, gi) in enumerate(zip(x.chunk(ctx.k), grad_y.chunk(ctx.k))):
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                gi, xi, weight, None, None, saved_mean[i], saved_invstd[i], True, ctx.eps, mask)
+            if mask[0]:
+                grad_x[i * xi.shape[0]:(i + 1) * xi.shape[0]].copy_(gx)
+            grad_weight.append(gw)
+            grad_bias.append(gb)
+        return (grad_x, torch.stack(grad_weight).sum(0) if mask[1] else None,
+                torch.stack(grad_bias).sum(0) if mask[2] else None, None, None)
+
+
+def _regrouped_batch_norm(x: torch.Tensor, weight: torch.Tensor | None,
+                          bias: torch.Tensor | None, k: int, eps: float):
+    """:class:`_GroupedBatchNorm` as one ``F.batch_norm`` call over the groups put
+    side by side as channels, (b, k*c, H, W): two regrouping copies, which a
+    compiler fuses away. Same outputs."""
+    c = x.shape[1]
+    mean = torch.zeros(k * c, device=x.device, dtype=_stat_dtype(x))
+    var = torch.ones_like(mean)
+    y = F.batch_norm(_groups_as_channels(x, k), mean, var,
+                     weight.repeat(k) if weight is not None else None,
+                     bias.repeat(k) if bias is not None else None, True, 1.0, eps)
+    return _channels_as_groups(y, k), mean.view(k, c), var.view(k, c)
 
 
 def _groups_as_channels(x: torch.Tensor, k: int) -> torch.Tensor:

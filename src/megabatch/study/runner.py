@@ -6,7 +6,10 @@ unfinished run resumes from its newest checkpoint (``megabatch train --resume``)
 The first seed of every cell runs before any second seed, so a study cut short
 still covers every cell. ``--parallel N`` runs N at once (several small models share one GPU well; on a
 CPU each gets cores / N threads). A diverged run is a result (the method failed
-at that batch), not an error; any other failure stops the study.
+at that batch), not an error. Any other failure stops the study, and so does a
+stop signal (SIGTERM, SIGUSR1): no new run starts, the runs in progress receive
+SIGTERM, checkpoint their step and exit 75, and the study exits 75 after writing
+its report; the same command continues it.
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from megabatch.errors import UserError
+from megabatch.errors import Preempted, UserError
+from megabatch.signals import stop_on_signals
 from megabatch.study.spec import Run, StudySpec
 
 
@@ -84,9 +90,44 @@ def resumable(folder: Path) -> bool:
     return (folder / "recipe.toml").is_file() and any((folder / "checkpoints").glob("step-*.pt"))
 
 
-def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads: int) -> dict[str, Any]:
+class Runs:
+    """The ``megabatch train`` processes of a study: started one by one until
+    :meth:`stop`, which also sends SIGTERM to every one still running."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self.stopped = False
+
+    def run(self, cmd: list[str], log, env: dict[str, str]) -> int | None:
+        """The exit status of ``cmd``, or None if the study was stopped before it started."""
+        with self._lock:
+            if self.stopped:
+                return None
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+            self._running.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            for proc in self._running:
+                proc.send_signal(signal.SIGTERM)
+
+
+def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads: int,
+            runs: Runs | None = None) -> dict[str, Any] | None:
+    """Train ``run`` (or resume it) to the end and write its ``result.json``; None if
+    it was stopped first (SIGTERM: it checkpointed and exited 75) or never started."""
+    runs = runs or Runs()
     folder = run_dir(out, run)
     log = folder.parent / f"{folder.name}.log"
+    if runs.stopped:
+        return None
     if resumable(folder):  # an interrupted earlier attempt: continue it
         cmd = [sys.executable, "-m", "megabatch", "train", "--resume", str(folder)]
     else:
@@ -102,11 +143,13 @@ def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     with open(log, "a") as f:  # streamed, so a long run's progress can be followed
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
+        returncode = runs.run(cmd, f, env)
+    if returncode is None or returncode == Preempted.exit_code:
+        return None
     text = log.read_text()
     # Exit 1 is also Python's status for a crash: only the trainer's own line says "diverged".
-    diverged = proc.returncode == 1 and "megabatch: error: training diverged" in text
-    if proc.returncode != 0 and not diverged:
+    diverged = returncode == 1 and "megabatch: error: training diverged" in text
+    if returncode != 0 and not diverged:
         last = (text.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"study run {run.key} failed ({last}); see {log}")
     result = summarize(run, folder, diverged=diverged, wall_time_s=time.perf_counter() - start)
@@ -128,14 +171,29 @@ def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel:
     threads = max(1, (os.cpu_count() or 1) // parallel)
     done = len(grid) - len(todo)
 
+    runs = Runs()
+
     def one(run: Run) -> None:
         nonlocal done
-        result = execute(spec, run, out, data_dir, threads)
+        try:
+            result = execute(spec, run, out, data_dir, threads, runs)
+        except BaseException:
+            runs.stop()  # one failure ends the study: the others checkpoint and stop
+            raise
+        if result is None:  # stopped: a signal, or a run that was itself told to stop
+            runs.stop()
+            return
         done += 1
         state = "diverged" if result["diverged"] else f"top-1 {result['final_top1']:.2f}%"
         log(f"[{done}/{len(grid)}] {run.key}: {state}, {result['steps']} steps, {result['wall_time_s']:.0f} s")
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for future in [pool.submit(one, run) for run in todo]:
-            future.result()
+    with stop_on_signals(lambda number: runs.stop()), ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = [pool.submit(one, run) for run in todo]
+        errors = [f.exception() for f in futures]
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise failed[0]
+    if runs.stopped:
+        raise Preempted(f"study stopped with {done} of {len(grid)} runs finished; the runs in "
+                        "progress checkpointed: run the same command again to continue")
     return [read_result(out, run) for run in grid]
