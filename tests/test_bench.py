@@ -143,7 +143,7 @@ def test_small_cnn_quick_run_writes_every_comparison_with_provenance(small):
     assert re.fullmatch(r"small-cnn-cpu-[a-z0-9-]+-\d{4}-\d{2}-\d{2}\.json", path.name)
     result = json.loads(path.read_text())
     for key in ("device", "megabatch", "torch", "torchvision", "python", "host", "git_commit", "command", "note",
-                "settings", "train_step", "megabatch_vs_plain", "ghost_bn", "noise_scale"):
+                "settings", "train_step", "megabatch_vs_plain", "ghost_bn", "noise_scale", "memory_format"):
         assert key in result, key
     assert result["model"] == "small-cnn" and result["flags"]["model"] == "small-cnn" and result["flags"]["quick"]
     settings = result["settings"]
@@ -151,22 +151,25 @@ def test_small_cnn_quick_run_writes_every_comparison_with_provenance(small):
     assert settings["global_batch"] == 128 and settings["micro_batch"] == 64 and settings["micro_batches"] == 2
     native = native_bf16(torch.device("cpu"))
     assert settings["native_bf16"] == native and settings["threads"] == 1
-    entries = {(e["loop"], e["precision"], e["plain_bn"], e["noise_scale"]): e for e in result["train_step"]}
+    entries = {(e["loop"], e["precision"], e["plain_bn"], e["noise_scale"], e["contiguous"]): e
+               for e in result["train_step"]}
     for precision in ("fp32", "bf16"):  # bf16 is measured, emulated or not
-        assert ("plain", precision, False, False) in entries and ("megabatch", precision, False, False) in entries
-    assert ("megabatch", "fp32", True, False) in entries and ("megabatch", "fp32", False, True) in entries
-    for (loop, precision, plain_bn, _), entry in entries.items():
+        assert ("plain", precision, False, False, False) in entries
+        assert ("megabatch", precision, False, False, False) in entries
+    for other in ((True, False, False), (False, True, False), (False, False, True)):
+        assert ("megabatch", "fp32", *other) in entries
+    for (loop, precision, plain_bn, _, _), entry in entries.items():
         low, high = entry["spread"]
         assert positive(entry["images_per_s"]) and low <= entry["images_per_s"] <= high
         assert len(entry["per_repeat"]) == 2 and entry["batch_size"] == 128 and entry["steps_per_repeat"] == 1
-        plain = entries[("plain", precision, False, False)]
+        plain = entries[("plain", precision, False, False, False)]
         assert entry["ratio_to_plain"] == pytest.approx(entry["images_per_s"] / plain["images_per_s"])
         assert entry["per_worker_batch"] == (None if loop == "plain" else 64 if plain_bn else 32)
         assert (entry.get("native_bf16") == native) if precision == "bf16" else "native_bf16" not in entry
         assert entry["name"] in printed and ("(emulated)" in entry["name"]) == (precision == "bf16" and not native)
 
     def rate(*key):
-        return entries[key]["images_per_s"]
+        return entries[(*key, False) if len(key) == 4 else key]["images_per_s"]
 
     vs_plain = result["megabatch_vs_plain"]
     for precision in ("fp32", "bf16"):
@@ -181,10 +184,14 @@ def test_small_cnn_quick_run_writes_every_comparison_with_provenance(small):
     assert noise["ratio"] == pytest.approx(rate("megabatch", "fp32", False, True)
                                            / rate("megabatch", "fp32", False, False))
     assert noise["overhead"] == pytest.approx(1 / noise["ratio"] - 1) and noise["target"] == 0.05
-    for ratio in (*vs_plain.values(), ghost, noise):
+    layout = result["memory_format"]["fp32"]
+    assert layout["ratio"] == pytest.approx(rate("megabatch", "fp32", False, False, False)
+                                            / rate("megabatch", "fp32", False, False, True))
+    for ratio in (*vs_plain.values(), ghost, noise, layout):
         assert len(ratio["paired_ratios"]) == 2 and positive(ratio["paired_median"])
     assert ("bf16" in result["ghost_bn"]) == native and ("bf16" in result["noise_scale"]) == native
-    for line in ("megabatch / plain PyTorch, fp32", "ghost BN / plain BN, fp32", "noise_scale on / off, fp32"):
+    for line in ("megabatch / plain PyTorch, fp32", "ghost BN / plain BN, fp32", "noise_scale on / off, fp32",
+                 "channels-last / contiguous, fp32"):
         assert line in printed
     assert printed.rstrip().endswith(f"wrote {path}")
 

@@ -11,7 +11,9 @@ automatic micro-batch: 256 on a CPU, 1,024 on a GPU):
   same global batch accumulated over the same micro-batches, the same precision): the
   ratio prices megabatch's emulation alone;
 * ghost BN against plain BN: the same megabatch step with one group per micro-batch;
-* the cost of ``train.noise_scale=true``: the same megabatch step with it on.
+* the cost of ``train.noise_scale=true``: the same megabatch step with it on;
+* the memory format: the same megabatch step in contiguous (NCHW) layout against the
+  default channels-last, which prices ``train.memory_format = "auto"``'s choice.
 
 The configurations are timed round-robin (:func:`megabatch.bench_timing.interleaved`),
 so a busy machine slows both sides of each ratio alike. bf16 is measured everywhere, but
@@ -68,6 +70,7 @@ class Config:
     precision: str
     plain_bn: bool = False  # megabatch: one BN group per micro-batch instead of one per worker
     noise_scale: bool = False
+    contiguous: bool = False  # megabatch: NCHW instead of the default channels-last
 
     def name(self, group: int, micro: int, native_bf16: bool) -> str:
         if self.loop == "plain":
@@ -76,6 +79,8 @@ class Config:
             name = f"megabatch {self.precision}, plain BN (one group of {micro})"
         elif self.noise_scale:
             name = f"megabatch {self.precision}, train.noise_scale=true"
+        elif self.contiguous:
+            name = f"megabatch {self.precision}, contiguous (NCHW) layout"
         else:
             name = f"megabatch {self.precision}: ghost BN {group}, RMSpropWarmup, fp16 grads"
         return name.replace("bf16", "bf16 (emulated)") if self.precision == "bf16" and not native_bf16 else name
@@ -132,13 +137,15 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 def configs(s: Settings) -> list[Config]:
-    """The plain loop and megabatch's step at every precision; ghost against plain BN and
-    the noise scale on and off at each precision the device computes natively."""
+    """The plain loop and megabatch's step at every precision; ghost against plain BN, the
+    noise scale on and off and the two memory formats at each precision the device computes
+    natively."""
     out = []
     for precision in s.precisions:
         out += [Config("plain", precision), Config("megabatch", precision)]
         if precision == "fp32" or s.native_bf16:
-            out += [Config("megabatch", precision, plain_bn=True), Config("megabatch", precision, noise_scale=True)]
+            out += [Config("megabatch", precision, plain_bn=True), Config("megabatch", precision, noise_scale=True),
+                    Config("megabatch", precision, contiguous=True)]
     return out
 
 
@@ -154,6 +161,7 @@ def megabatch_step(s: Settings, c: Config, out: Path) -> tuple[Callable[[], None
     values = {"batch.global_batch": s.global_batch, "batch.micro_batch": s.micro_batch,
               "batch.per_worker_batch": s.micro_batch if c.plain_bn else s.per_worker_batch, "train.precision": c.precision,
               "train.noise_scale": c.noise_scale, "train.device": s.device.split(":")[0],
+              "train.memory_format": "contiguous" if c.contiguous else "channels_last",
               "data.dataset": "synthetic", "data.synthetic_size": [s.global_batch, 1, 28, 1, 10]}
     run = build_run(recipes.load(RECIPE, values=values), None, out, Progress(1, 1, enabled=False))
     d = run.train_data
@@ -243,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
                         **({"non_finite_losses": bad} if bad else {}), "per_repeat": m["per_repeat"]})
     print("\nratios of median images/s in this run (range: the ratio within each repeat)")
     for kind, label in (("megabatch_vs_plain", "megabatch / plain PyTorch"), ("ghost_bn", "ghost BN / plain BN"),
-                        ("noise_scale", "noise_scale on / off")):
+                        ("noise_scale", "noise_scale on / off"), ("memory_format", "channels-last / contiguous")):
         for precision, r in ratios[kind].items():
             print(ratio_line(f"{label}, {precision}{'' if r.get('native_bf16', True) else ' (emulated)'}", r))
     print(f"load average (1 min): {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end")
@@ -304,7 +312,8 @@ def step_counts(s: Settings, cs: list[Config], seconds: dict[Config, float]) -> 
 def comparisons(s: Settings, timed: dict[Config, dict]) -> dict[str, dict[str, dict]]:
     """megabatch against the plain loop, ghost against plain BN and the noise scale on
     against off, per precision, each side by side in the same run."""
-    out: dict[str, dict[str, dict]] = {"megabatch_vs_plain": {}, "ghost_bn": {}, "noise_scale": {}}
+    out: dict[str, dict[str, dict]] = {"megabatch_vs_plain": {}, "ghost_bn": {}, "noise_scale": {},
+                                       "memory_format": {}}
     for p in s.precisions:
         native = {"native_bf16": s.native_bf16} if p == "bf16" else {}
         step = timed[Config("megabatch", p)]
@@ -323,4 +332,6 @@ def comparisons(s: Settings, timed: dict[Config, dict]) -> dict[str, dict[str, d
                                  "ratio_is": "images/s with train.noise_scale=true / without",
                                  "overhead_is": "extra time per step with train.noise_scale=true (1/ratio - 1)",
                                  "target": NOISE_TARGET, "meets_target": overhead <= NOISE_TARGET}
+        out["memory_format"][p] = {**compare(step, timed[Config("megabatch", p, contiguous=True)]), **native,
+                                   "ratio_is": "images/s in channels-last (the default) / in contiguous NCHW"}
     return out

@@ -38,7 +38,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = build_model(recipe, test.channels, len(test.classes), device)
     model.load_state_dict(state["model"])
     result = evaluate(model, test, device, batch_size=max(recipe.batch.micro_batch, 256),
-                      layout=memory_format(device, recipe.train.memory_format),
+                      layout=memory_format(recipe.train.memory_format),
                       autocast_dtype=AUTOCAST_DTYPES[recipe.train.precision])
     print(f"{args.checkpoint}: {recipe.name} after {state['iteration']} steps: "
           f"top-1 {result['test_top1']:.2f}%  top-5 {result['test_top5']:.2f}%  "

@@ -196,7 +196,7 @@ class TrainConfig:
     or "auto": bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with
     AVX512-BF16 or AMX), fp32 elsewhere (emulated bf16 on an AVX2 CPU is several times slower)."""
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
-    """"channels_last", "contiguous" or "auto" (channels-last on CUDA, contiguous on CPU)."""
+    """"channels_last", "contiguous" or "auto" (channels-last: faster on GPUs and CPUs alike)."""
     compile: bool = False
     """Compile the model with torch.compile."""
     cudnn_benchmark: bool = True
