@@ -72,6 +72,19 @@ def test_spec_errors_are_one_line(tmp_path):
         load_spec(str(bad))
     with pytest.raises(UserError, match="unknown study spec 'x'"):
         load_spec("x")
+    good = tmp_path / "tiny.toml"
+    good.write_text(TINY)
+    with pytest.raises(UserError, match="--methods: lasso not in study spec"):
+        load_spec(str(good), methods=["paper", "lasso"])
+
+
+def test_methods_keep_those_methods_runs_of_the_full_grid(tmp_path):
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY)
+    full = load_spec(str(spec))
+    some = load_spec(str(spec), methods=["paper-moving-average-bn", "linear"])
+    assert [r.key for r in some.runs()] == ["linear/b256-s0", "linear/b512-s0", "paper-moving-average-bn/b512-s0"]
+    assert all(some.overrides(r) == full.overrides(r) for r in some.runs())
 
 
 def test_builtin_spec_covers_the_methods_and_batches():

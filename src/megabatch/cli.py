@@ -112,7 +112,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     from megabatch.study.runner import read_result, unfinished
 
     batches, seeds = _integers(args.batches, "--batches"), _integers(args.seeds, "--seeds")
-    spec = load_spec(args.spec, epochs=args.epochs, batches=batches, seeds=seeds, extra_set=args.set)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    spec = load_spec(args.spec, epochs=args.epochs, batches=batches, seeds=seeds, extra_set=args.set,
+                     methods=methods)
     out = Path(args.out) if args.out else Path("runs") / f"study-{spec.name}"
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -131,10 +133,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     results = [r for r in (read_result(out, run) for run in spec.runs()) if r is not None]
     note = "\n".join(f"- in progress: {line}" for line in unfinished(spec, out))
     write_csv(results, out / "results.csv")
-    if args.epochs or batches or seeds or args.set:
+    if args.epochs or batches or seeds or methods or args.set:
         note += "\n\n" if note else ""
         note += (f"Reduced grid: {spec.epochs} epochs per run, batches {list(spec.batches)}"
-                + (f", seeds {seeds}" if seeds else "") + (f", --set {' '.join(args.set)}" if args.set else "")
+                + (f", seeds {seeds}" if seeds else "") + (f", methods {methods}" if methods else "") + (f", --set {' '.join(args.set)}" if args.set else "")
                 + f" (the spec's own: `megabatch study --spec {args.spec}` without those flags).")
     write_markdown(spec, results, out / "report.md", note)
     written = plot(spec, results, out)
@@ -218,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="a reduced grid: this epoch budget instead of the spec's")
     p.add_argument("--batches", help="a reduced grid: these batches (comma-separated) instead of the spec's")
     p.add_argument("--seeds", help="a reduced grid: only these seeds (comma-separated) of each cell")
+    p.add_argument("--methods", help="a reduced grid: only these methods (comma-separated), e.g. to run "
+                                     "them first; their runs are the full grid's")
     p.add_argument("--report", action="store_true",
                    help="only write results.csv, report.md and plots from the runs finished so far")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -66,11 +66,14 @@ class StudySpec:
     extra_seeds_from: int = 0
     set: tuple[str, ...] = field(default=())
     only_seeds: tuple[int, ...] = ()  # a reduced grid: just these seeds of each cell
+    only_methods: tuple[str, ...] = ()  # a reduced grid: just these methods
 
     def runs(self) -> list[Run]:
         """The grid: every method at its batches, every seed (extra seeds at large batches)."""
         grid = []
         for method in self.methods:
+            if self.only_methods and method.name not in self.only_methods:
+                continue
             batches = method.batches or self.batches
             if method.largest_only:
                 batches = (max(self.batches),)
@@ -104,16 +107,18 @@ def _check(table: dict[str, Any], allowed: dict[str, type], where: str) -> None:
 
 
 def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] | None = None,
-              seeds: list[int] | None = None, extra_set: list[str] = ()) -> StudySpec:
-    """Load a built-in spec or a TOML file; ``epochs``/``batches``/``seeds`` replace the
-    spec's (a reduced grid: ``seeds`` keeps, of every cell's seeds, those listed) and
+              seeds: list[int] | None = None, extra_set: list[str] = (),
+              methods: list[str] | None = None) -> StudySpec:
+    """Load a built-in spec or a TOML file; ``epochs``/``batches``/``seeds``/``methods``
+    replace the spec's (a reduced grid: ``seeds`` keeps, of every cell's seeds, those
+    listed; ``methods`` keeps those methods' runs, which are the full grid's) and
     ``extra_set`` is applied to every run after the spec's own overrides. Every method's
     recipe is loaded once to catch mistakes before running."""
     data = tomlfile.read(name_or_path, "specs", "study spec")
     _check(data, _TOP, "")
     if not data.get("methods"):
         raise UserError(f"study spec {name_or_path} has no [methods.NAME] tables")
-    methods = []
+    only_methods, methods = tuple(methods or ()), []
     for name, table in data["methods"].items():
         if not isinstance(table, dict) or "recipe" not in table:
             raise UserError(f"study spec method {name} needs a recipe = \"NAME\"")
@@ -126,10 +131,13 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
         batches=tuple(batches or data.get("batches", ())), epochs=epochs or data.get("epochs", 90),
         seeds=tuple(data.get("seeds", (0,))), extra_seeds=tuple(data.get("extra_seeds", ())),
         extra_seeds_from=data.get("extra_seeds_from", 0), set=(*data.get("set", ()), *extra_set),
-        only_seeds=tuple(seeds or ()))
+        only_seeds=tuple(seeds or ()), only_methods=only_methods)
     if not spec.batches:
         raise UserError(f"study spec {name_or_path} needs batches = [...]")
     names = {m.name for m in spec.methods}
+    if unknown := [m for m in spec.only_methods if m not in names]:
+        raise UserError(f"--methods: {', '.join(unknown)} not in study spec {name_or_path}; "
+                        f"its methods: {', '.join(names)}")
     for method in spec.methods:
         if method.ablation_of and method.ablation_of not in names:
             raise UserError(f"method {method.name}: ablation_of = {method.ablation_of!r} is not a method")
