@@ -101,7 +101,21 @@ def test_largest_batch_keeping_up_stops_at_the_first_failure():
     spec = load_spec("fashion-mnist-batch-scaling")
     results = [{"method": "linear", "batch": b, "final_top1": v}
                for b, v in ((512, 90.0), (2048, 89.5), (8192, 80.0), (16384, 89.8))]
-    assert largest_keeping_up(spec, results, baseline=90.2)["linear"] == 2048
+    assert largest_keeping_up(spec, results, baseline=90.2)["linear"] == (2048, None)
+
+
+def test_unfinished_batches_leave_the_largest_batch_open():
+    """A cell not finished yet is not a failure: the answer says what it waits for."""
+    from megabatch.study.report import keeping_up_line
+
+    spec = load_spec("fashion-mnist-paper-budget")
+    results = [{"method": "baseline", "batch": 128, "final_top1": 92.1},
+               {"method": "linear", "batch": 2048, "final_top1": 92.2},
+               {"method": "goyal", "batch": 2048, "final_top1": 80.0}]
+    answer = largest_keeping_up(spec, results, baseline=92.1)
+    assert answer["linear"] == (2048, 8192) and answer["goyal"] == (None, None) and answer["lars"] == (None, 2048)
+    assert [keeping_up_line(*answer[m]) for m in ("linear", "goyal", "lars")] == [
+        "at least 2,048 (8,192 not finished)", "none of the tested batches", "not known yet (2,048 not finished)"]
 
 
 def test_paper_budget_spec_grid():
@@ -152,6 +166,12 @@ def test_report_of_a_study_with_nothing_finished_marks_every_cell_missing(tmp_pa
     assert "Partial: 22 of the 22 planned runs have not finished yet" in report
     assert "| baseline | missing |  |  |" in report and "| linear |  | missing | missing |" in report
     assert "not finished yet, so no method is compared" in report
+    finished = [{"method": "baseline", "batch": 128, "final_top1": 92.14, "seed": 0},
+                {"method": "linear", "batch": 2048, "final_top1": 92.24, "seed": 0}]
+    write_markdown(spec, finished, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert "| baseline | 92.14 (1 of 2) |  |  |" in report  # one seed: no standard deviation
+    assert "- linear: at least 2,048 (8,192 not finished)" in report
 
 
 STOPPABLE = """

@@ -37,20 +37,35 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def largest_keeping_up(spec: StudySpec, results: Sequence[dict[str, Any]], baseline: float) -> dict[str, int | None]:
-    """Per method, the largest batch whose mean final top-1 is within TOLERANCE of the
-    baseline (only batches where every smaller tested batch also kept up count)."""
+def largest_keeping_up(spec: StudySpec, results: Sequence[dict[str, Any]],
+                       baseline: float) -> dict[str, tuple[int | None, int | None]]:
+    """Per method, (the largest batch whose mean final top-1 is within TOLERANCE of the
+    baseline, the first planned batch not finished yet): walking up the method's planned
+    batches, the walk stops at the first that falls short or has no finished run. With
+    nothing unfinished in the way, the answer is settled."""
     table = cells(results)
-    answer: dict[str, int | None] = {}
+    planned: dict[str, set[int]] = defaultdict(set)
+    for run in spec.runs():
+        planned[run.method.name].add(run.batch)
+    answer: dict[str, tuple[int | None, int | None]] = {}
     for method in spec.methods:
-        best = None
-        for batch in sorted(b for m, b in table if m == method.name):
+        best, pending = None, None
+        for batch in sorted(planned[method.name]):
+            if (method.name, batch) not in table:
+                pending = batch
+                break
             mean, _ = mean_spread(table[method.name, batch])
             if math.isnan(mean) or mean < baseline - TOLERANCE:
                 break
             best = batch
-        answer[method.name] = best
+        answer[method.name] = (best, pending)
     return answer
+
+
+def keeping_up_line(best: int | None, pending: int | None) -> str:
+    if pending is None:
+        return f"{best:,}" if best else "none of the tested batches"
+    return (f"at least {best:,}" if best else "not known yet") + f" ({pending:,} not finished)"
 
 
 def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Path, note: str = "") -> None:
@@ -84,7 +99,8 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
                 continue
             mean, spread = mean_spread(values)
             count = f"{len(values)}" if len(values) >= wanted else f"{len(values)} of {wanted}"
-            row.append("diverged" if math.isnan(mean) else f"{mean:.2f} ± {spread:.2f} ({count})")
+            shown = f"{mean:.2f}" + (f" ± {spread:.2f}" if len(values) > 1 else "")  # one seed: no spread
+            row.append("diverged" if math.isnan(mean) else f"{shown} ({count})")
         lines.append(f"| {method.name} | " + " | ".join(row) + " |")
     if math.isnan(baseline):
         lines += ["", f"Small-batch reference ({baseline_method}): not finished yet, so no method is "
@@ -92,9 +108,9 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
     else:
         lines += ["", f"Small-batch reference ({baseline_method}): {baseline:.2f}%. Largest batch at which each "
                   f"method stays within {TOLERANCE:g} point of it:", ""]
-        for name, batch in largest_keeping_up(spec, results, baseline).items():
+        for name, (best, pending) in largest_keeping_up(spec, results, baseline).items():
             if name != baseline_method:
-                lines.append(f"- {name}: {f'{batch:,}' if batch else 'none of the tested batches'}")
+                lines.append(f"- {name}: {keeping_up_line(best, pending)}")
     lines += ["", "Per run: `results.csv`; plots: `accuracy_vs_batch.png`, `curves_largest_batch.png`, "
               "`ablations.png`.", ""]
     path.write_text("\n".join(lines))
@@ -143,12 +159,13 @@ def plot(spec: StudySpec, results: Sequence[dict[str, Any]], out: Path) -> list[
     ablated = [m for m in spec.methods if m.ablation_of]
     if ablated:
         names = list(dict.fromkeys([m.ablation_of for m in ablated] + [m.name for m in ablated]))
-        values = [mean_spread(table.get((n, largest), [float("nan")])) for n in names]
+        values = [mean_spread(table[n, largest]) if (n, largest) in table else None for n in names]
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.bar(range(len(names)), [0 if math.isnan(v[0]) else v[0] for v in values],
-               yerr=[0 if math.isnan(v[1]) else v[1] for v in values], capsize=3)
-        for i, v in enumerate(values):
-            ax.text(i, (0 if math.isnan(v[0]) else v[0]) + 0.5, "diverged" if math.isnan(v[0]) else f"{v[0]:.1f}",
+        known = [v is not None and not math.isnan(v[0]) for v in values]
+        ax.bar(range(len(names)), [v[0] if ok else 0 for v, ok in zip(values, known)],
+               yerr=[v[1] if ok else 0 for v, ok in zip(values, known)], capsize=3)
+        for i, (v, ok) in enumerate(zip(values, known)):
+            ax.text(i, (v[0] if ok else 0) + 0.5, f"{v[0]:.1f}" if ok else "not run" if v is None else "diverged",
                     ha="center")
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set(ylabel="final test top-1 (%)", title=f"ablations at batch {largest:,}")
