@@ -172,6 +172,11 @@ def test_report_of_a_study_with_nothing_finished_marks_every_cell_missing(tmp_pa
     report = (tmp_path / "report.md").read_text()
     assert "| baseline | 92.14 (1 of 2) |  |  |" in report  # one seed: no standard deviation
     assert "- linear: at least 2,048 (8,192 not finished)" in report
+    from megabatch.study.report import plot
+
+    finished = [{**r, "steps": 10, "epochs": 1, "curve": [r["final_top1"]]} for r in finished]
+    written = plot(spec, finished, tmp_path)  # nothing at 8,192 yet: no curves or ablations there
+    assert [p.name for p in written] == ["accuracy_vs_batch.png"]
 
 
 STOPPABLE = """

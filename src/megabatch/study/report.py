@@ -140,10 +140,13 @@ def plot(spec: StudySpec, results: Sequence[dict[str, Any]], out: Path) -> list[
     written.append(out / "accuracy_vs_batch.png")
     plt.close(fig)
 
-    largest = max(r["batch"] for r in results)
+    largest = max(spec.batches)  # the spec's: the curves and ablations wait for its runs
+    at_largest = [r for r in results if r["batch"] == largest]
+    if not at_largest:
+        return written
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        if r["batch"] == largest and r["seed"] == min(x["seed"] for x in results):
+    for r in at_largest:
+        if r["seed"] == min(x["seed"] for x in at_largest):
             curve = [c if c is not None else float("nan") for c in r["curve"]]
             per_epoch = r["steps"] / max(r["epochs"], 1)
             ax.plot([per_epoch * e for e in range(1, len(curve) + 1)], curve, marker=".", markersize=3,
@@ -156,7 +159,7 @@ def plot(spec: StudySpec, results: Sequence[dict[str, Any]], out: Path) -> list[
     written.append(out / "curves_largest_batch.png")
     plt.close(fig)
 
-    ablated = [m for m in spec.methods if m.ablation_of]
+    ablated = [m for m in spec.methods if m.ablation_of and (m.name, largest) in table]
     if ablated:
         names = list(dict.fromkeys([m.ablation_of for m in ablated] + [m.name for m in ablated]))
         values = [mean_spread(table[n, largest]) if (n, largest) in table else None for n in names]
