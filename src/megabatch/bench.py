@@ -31,6 +31,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from megabatch.bench_flags import at_least, wants_gpu
 from megabatch.bench_report import COLUMNS, output_path, row, time_lines, where_the_time_goes
 from megabatch.bench_timing import measure, peak_rss_bytes, release
 from megabatch.errors import UserError
@@ -100,15 +101,11 @@ def settings(args: argparse.Namespace) -> Settings:
     """The flags checked, with the defaults of the device filled in."""
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible: use --device cpu (or auto)")
-    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    gpu = wants_gpu(args.device)
 
     def pick(value: int | None, flag: str, quick: int, on_gpu: int, on_cpu: int, least: int = 1) -> int:
-        value = value if value is not None else quick if args.quick else on_gpu if gpu else on_cpu
-        if value < least:
-            raise UserError(f"--{flag} must be at least {least}, not {value}")
-        return value
+        return at_least(value if value is not None else quick if args.quick else on_gpu if gpu else on_cpu,
+                        flag, least)
 
     size = pick(args.image_size, "image-size", 32, 224, 64, least=32)  # ResNet-50 halves it 5 times
     batch = pick(args.batch, "batch", 8, 256, 32, least=4)

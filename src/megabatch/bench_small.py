@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from megabatch.bench_flags import at_least, wants_gpu
 from megabatch.bench_report import SMALL_COLUMNS, SMALL_WIDTH, output_path, ratio_line, row
 from megabatch.bench_timing import compare, interleaved, warm_up
 from megabatch.errors import UserError
@@ -98,15 +99,10 @@ def settings(args: argparse.Namespace) -> Settings:
         if getattr(args, flag) is not None:
             raise UserError(f"--{flag.replace('_', '-')} is for --model resnet50; the small CNN trains on "
                             f"28x28 synthetic images in eager mode")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible: use --device cpu (or auto)")
-    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    gpu = wants_gpu(args.device)
 
     def pick(value: int | None, flag: str, quick: int, default: int, least: int = 1) -> int:
-        value = value if value is not None else quick if args.quick else default
-        if value < least:
-            raise UserError(f"--{flag} must be at least {least}, not {value}")
-        return value
+        return at_least(value if value is not None else quick if args.quick else default, flag, least)
 
     demo = recipes.load(RECIPE).batch
     batch = pick(args.batch, "batch", 128, demo.global_batch, least=2)
