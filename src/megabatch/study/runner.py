@@ -160,8 +160,9 @@ def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads:
 
 
 def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel: int = 1,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every unfinished cell of the grid; return all results in grid order."""
+              log: Callable[[str], None] = print) -> None:
+    """Run every unfinished cell of the grid; each finished run's ``result.json`` is
+    its result (the report reads them from disk, with :func:`read_result`)."""
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
     grid = spec.runs()
@@ -196,4 +197,3 @@ def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel:
     if runs.stopped:
         raise Preempted(f"study stopped with {done} of {len(grid)} runs finished; the runs in "
                         "progress checkpointed: run the same command again to continue")
-    return [read_result(out, run) for run in grid]
