@@ -124,11 +124,12 @@ class _GroupedBatchNorm(torch.autograd.Function):
                 affine and ctx.needs_input_grad[2]]
         grad_x = torch.empty_like(x) if mask[0] else None
         grad_weight, grad_bias = [], []
-        for i, (xi, gi) in enumerate(zip(x.chunk(ctx.k), grad_y.chunk(ctx.k))):
+        grad_x_groups = grad_x.chunk(ctx.k) if mask[0] else [None] * ctx.k
+        for i, (xi, gi, gxi) in enumerate(zip(x.chunk(ctx.k), grad_y.chunk(ctx.k), grad_x_groups)):
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 gi, xi, weight, None, None, saved_mean[i], saved_invstd[i], True, ctx.eps, mask)
             if mask[0]:
-                grad_x[i * xi.shape[0]:(i + 1) * xi.shape[0]].copy_(gx)
+                gxi.copy_(gx)
             grad_weight.append(gw)
             grad_bias.append(gb)
         return (grad_x, torch.stack(grad_weight).sum(0) if mask[1] else None,
