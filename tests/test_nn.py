@@ -91,7 +91,7 @@ def test_compiled_formulation_equals_the_eager_one(layout, affine):
         bias = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64, requires_grad=True) if affine else None
         y, mean, var = formulation(x, weight, bias, k, 1e-5)
         (y * upstream).sum().backward()
-        assert y.is_contiguous(memory_format=layout)
+        assert y.is_contiguous(memory_format=layout) and x.grad.is_contiguous(memory_format=layout)
         results.append([y, mean, var, x.grad] + ([weight.grad, bias.grad] if affine else []))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(eager, compiled, rtol=1e-10, atol=1e-12)

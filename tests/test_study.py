@@ -225,3 +225,19 @@ def test_sigterm_stops_the_study_and_the_same_command_continues_it(tmp_path, fas
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["batch"], r["epochs"]) for r in rows] == [("256", "6"), ("512", "6")]
     assert "resum" in (out / "runs" / "linear" / "b256-s0.log").read_text().lower()
+
+
+def test_a_study_of_some_methods_reports_the_whole_grid(tmp_path, fashion_dir):
+    """--methods runs some of the grid's own runs: the report and study.json stay the whole
+    grid's (the other cells "missing", no "Reduced grid"), and this invocation is recorded."""
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY)
+    out = tmp_path / "study"
+    assert main(["study", "--spec", str(spec), "--out", str(out), "--methods", "linear",
+                 "--data", str(fashion_dir)]) == 0
+    report = (out / "report.md").read_text()
+    assert "Reduced grid" not in report and "Partial: 3 of the 5 planned runs" in report
+    assert "| paper | missing | missing |" in report and "| paper-moving-average-bn |  | missing |" in report
+    info = json.loads((out / "study.json").read_text())
+    assert info["runs"] == 5 and info["this_invocation"] == {"methods": ["linear"], "seeds": None, "runs": 2}
+    assert "cpu" in info

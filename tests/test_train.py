@@ -256,3 +256,20 @@ def test_diverged_run_with_step_checkpoints_names_one_that_resumes(tmp_path, cap
     for path in checkpoint.list_checkpoints(out / "checkpoints"):
         checkpoint.load(path, require_finite=True)  # no checkpoint with a non-finite weight was written
     assert main(["eval", "--checkpoint", named]) == 0
+
+
+def test_a_resumed_run_keeps_the_provenance_of_every_earlier_attempt(tmp_path, fashion_dir):
+    """run.json describes the newest attempt and lists the earlier ones, oldest first: a
+    study's run continued across sessions may span commits and machines."""
+    out = tmp_path / "run"
+    args = ["--set", "train.checkpoint_every=1", "--set", "data.train_subset=512", "--set", "data.test_subset=200",
+            "--set", "batch.global_batch=256", "--set", "train.epochs=1", "--set", "train.precision=fp32"]
+    assert main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), *args]) == 0
+    first = json.loads((out / "run.json").read_text())
+    assert "cpu" in first and "attempts" not in first and "resumed_from" not in first
+    for _ in range(2):
+        assert main(["train", "--resume", str(out)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["resumed_from"].endswith(".pt") and len(info["attempts"]) == 2
+    assert info["attempts"][0] == first and info["attempts"][1]["resumed_from"] == info["resumed_from"]
+    assert "attempts" not in info["attempts"][1]

@@ -56,13 +56,7 @@ def native_bf16(device: torch.device) -> bool:
     with AVX512-BF16 or AMX (read from /proc/cpuinfo; elsewhere: no)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return device.type == "cpu" and provenance.cpu_native_bf16()
 
 
 def resolve_recipe(recipe: Recipe, device: torch.device) -> Recipe:
@@ -151,8 +145,19 @@ def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
                 "base_lr": recipe.base_lr}
         if state is not None:
             info["resumed_from"] = state["path"]
+            info["attempts"] = earlier_attempts(out_dir / "run.json")
         (out_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     return run
+
+
+def earlier_attempts(path: Path) -> list[dict[str, Any]]:
+    """The provenance of every earlier attempt of a resumed run, oldest first, from its
+    run.json: a run continued across sessions may span commits and machines."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [*previous.pop("attempts", []), previous]
 
 
 # --- new run, --resume, or a torchrun restart -----------------------------------------------

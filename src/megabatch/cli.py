@@ -119,27 +119,32 @@ def cmd_study(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
+    # --methods and --seeds run some of the grid's own runs: the folder, its provenance and
+    # its report stay those of the whole grid. --epochs, --batches and --set make another grid.
+    grid = spec.whole()
     stopped = None
     if not args.report:  # the provenance of the runs, not of a later report
         (out / "study.json").write_text(json.dumps(
             {**provenance.collect(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-             "spec": args.spec, "epochs": spec.epochs, "batches": list(spec.batches),
-             "runs": len(spec.runs())}, indent=2) + "\n")
+             "spec": args.spec, "epochs": grid.epochs, "batches": list(grid.batches),
+             "runs": len(grid.runs())}
+            | ({"this_invocation": {"methods": methods, "seeds": seeds, "runs": len(spec.runs())}}
+               if methods or seeds else {}), indent=2) + "\n")
         try:
             run_study(spec, out, args.data, args.parallel)
         except Preempted as e:  # the report of what finished is still written
             stopped = e
     # The report reads the runs from disk: the same after a full study, a stopped one, or --report.
-    results = [r for r in (read_result(out, run) for run in spec.runs()) if r is not None]
-    note = "\n".join(f"- in progress: {line}" for line in unfinished(spec, out))
+    results = [r for r in (read_result(out, run) for run in grid.runs()) if r is not None]
+    note = "\n".join(f"- in progress: {line}" for line in unfinished(grid, out))
     write_csv(results, out / "results.csv")
-    if args.epochs or batches or seeds or methods or args.set:
+    if args.epochs or batches or args.set:
         note += "\n\n" if note else ""
-        note += (f"Reduced grid: {spec.epochs} epochs per run, batches {list(spec.batches)}"
-                + (f", seeds {seeds}" if seeds else "") + (f", methods {methods}" if methods else "") + (f", --set {' '.join(args.set)}" if args.set else "")
-                + f" (the spec's own: `megabatch study --spec {args.spec}` without those flags).")
-    write_markdown(spec, results, out / "report.md", note)
-    written = plot(spec, results, out)
+        note += (f"Reduced grid: {grid.epochs} epochs per run, batches {list(grid.batches)}"
+                 + (f", --set {' '.join(args.set)}" if args.set else "")
+                 + f" (the spec's own: `megabatch study --spec {args.spec}` without those flags).")
+    write_markdown(grid, results, out / "report.md", note)
+    written = plot(grid, results, out)
     print(f"wrote {out / 'results.csv'}, {out / 'report.md'}" + "".join(f", {p}" for p in written))
     if stopped is not None:
         raise stopped

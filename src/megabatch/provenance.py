@@ -31,6 +31,33 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; elsewhere: none known)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+def cpu_native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), not by emulation."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Processor", "AMD EPYC 7B13"): the results
+    of one study may come from several machines, whose speed and bf16 support differ."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -45,6 +72,9 @@ def collect(device: torch.device) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda,
         "device": device_name(device),
+        # Which kernels PyTorch picked here (AVX512, AVX2, ...) and whether bf16 is native.
+        "cpu": f"{cpu_model()}; {torch.backends.cpu.get_cpu_capability()}; "
+               f"bf16 {'native' if cpu_native_bf16() else 'emulated'}",
         "host": platform.node(),
         "git_commit": git_commit(),
         "command": " ".join(sys.argv),

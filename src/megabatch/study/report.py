@@ -45,8 +45,8 @@ def largest_keeping_up(spec: StudySpec, results: Sequence[dict[str, Any]],
     nothing unfinished in the way, the answer is settled."""
     table = cells(results)
     planned: dict[str, set[int]] = defaultdict(set)
-    for run in spec.runs():
-        planned[run.method.name].add(run.batch)
+    for method, batch in spec.planned():
+        planned[method].add(batch)
     answer: dict[str, tuple[int | None, int | None]] = {}
     for method in spec.methods:
         best, pending = None, None
@@ -74,9 +74,7 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
     baseline_method = spec.methods[0].name
     base_values = [v for (m, _), vs in table.items() if m == baseline_method for v in vs]
     baseline, _ = mean_spread(base_values)
-    planned: dict[tuple[str, int], int] = defaultdict(int)
-    for run in spec.runs():
-        planned[run.method.name, run.batch] += 1
+    planned = spec.planned()
     batches = sorted({b for _, b in planned} | set(batches))
     missing = sum(planned.values()) - len(results)
     lines = [f"# Study {spec.name}", "", spec.description, "",

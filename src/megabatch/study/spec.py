@@ -22,7 +22,8 @@ A spec is a TOML file (built-in ones in ``megabatch/specs``)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,14 @@ class StudySpec:
                 grid += [Run(method, batch, seed) for seed in dict.fromkeys(seeds)
                          if not self.only_seeds or seed in self.only_seeds]
         return grid
+
+    def planned(self) -> Counter[tuple[str, int]]:
+        """How many runs (seeds) the grid plans for each (method, batch) cell."""
+        return Counter((run.method.name, run.batch) for run in self.runs())
+
+    def whole(self) -> StudySpec:
+        """The grid that a reduction to some methods or seeds takes its runs from."""
+        return replace(self, only_seeds=(), only_methods=())
 
     def overrides(self, run: Run) -> list[str]:
         return [*self.set, *run.method.set, f"batch.global_batch={run.batch}", f"train.seed={run.seed}",
