@@ -102,15 +102,15 @@ class _GroupedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, k, eps):
-        c = x.shape[1]
-        mean = torch.zeros(k, c, device=x.device, dtype=_stat_dtype(x))
-        var = torch.ones_like(mean)
-        saved_mean, saved_invstd = torch.empty_like(mean), torch.empty_like(mean)
+        # One buffer for the four (k, C) statistics; unbind gives each group's rows as views.
+        mean, var, saved_mean, saved_invstd = torch.empty(
+            4, k, x.shape[1], device=x.device, dtype=_stat_dtype(x)).unbind(0)
+        mean.zero_()
+        var.fill_(1.0)
         y = torch.empty_like(x)  # keeps x's memory format; slices along N stay dense
-        for i, (xi, yi) in enumerate(zip(x.chunk(k), y.chunk(k))):
-            torch.ops.aten.native_batch_norm.out(
-                xi, weight, bias, mean[i], var[i], True, 1.0, eps,
-                out=yi, save_mean=saved_mean[i], save_invstd=saved_invstd[i])
+        for xi, yi, m, v, sm, si in zip(x.chunk(k), y.chunk(k), mean.unbind(0), var.unbind(0),
+                                        saved_mean.unbind(0), saved_invstd.unbind(0)):
+            torch.native_batch_norm(xi, weight, bias, m, v, True, 1.0, eps, out=(yi, sm, si))
         ctx.save_for_backward(x, weight, saved_mean, saved_invstd)
         ctx.k, ctx.eps = k, eps
         ctx.mark_non_differentiable(mean, var)
@@ -122,18 +122,18 @@ class _GroupedBatchNorm(torch.autograd.Function):
         affine = weight is not None
         mask = [ctx.needs_input_grad[0], affine and ctx.needs_input_grad[1],
                 affine and ctx.needs_input_grad[2]]
-        grad_x = torch.empty_like(x) if mask[0] else None
-        grad_weight, grad_bias = [], []
-        grad_x_groups = grad_x.chunk(ctx.k) if mask[0] else [None] * ctx.k
-        for i, (xi, gi, gxi) in enumerate(zip(x.chunk(ctx.k), grad_y.chunk(ctx.k), grad_x_groups)):
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                gi, xi, weight, None, None, saved_mean[i], saved_invstd[i], True, ctx.eps, mask)
-            if mask[0]:
-                gxi.copy_(gx)
-            grad_weight.append(gw)
-            grad_bias.append(gb)
-        return (grad_x, torch.stack(grad_weight).sum(0) if mask[1] else None,
+        # PyTorch's BN backward has no kernel that writes into a given tensor: each group's
+        # input gradient is its own tensor, and one cat joins them (in x's memory format).
+        grads = [_BN_BACKWARD(gi, xi, weight, None, None, sm, si, True, ctx.eps, mask)
+                 for xi, gi, sm, si in zip(x.chunk(ctx.k), grad_y.chunk(ctx.k),
+                                           saved_mean.unbind(0), saved_invstd.unbind(0))]
+        grad_x, grad_weight, grad_bias = zip(*grads)
+        return (torch.cat(grad_x) if mask[0] else None,
+                torch.stack(grad_weight).sum(0) if mask[1] else None,
                 torch.stack(grad_bias).sum(0) if mask[2] else None, None, None)
+
+
+_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 
 def _regrouped_batch_norm(x: torch.Tensor, weight: torch.Tensor | None,
