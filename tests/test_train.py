@@ -14,6 +14,7 @@ from megabatch.batching import epoch_order
 from megabatch.cli import main
 from megabatch.nn import batch_norm_layers
 from megabatch.progress import Progress
+from megabatch.provenance import cpu_summary
 from megabatch.build import build_optimizer, build_run, configure_backends
 from megabatch.train import set_hyperparameters, train_one_epoch
 from megabatch.schedules import recipe_values
@@ -121,6 +122,7 @@ def test_end_to_end_on_real_data_then_eval(tmp_path, capsys, fashion_dir):
     printed = capsys.readouterr().out
     assert "global batch 512 = 16 workers x 32 images" in printed
     assert "lr = 0.1 per 256 x 512/256 = 0.2" in printed
+    assert "steps; device cpu (" in printed and cpu_summary() in printed  # why "auto" chose its precision
     assert printed.count("\nepoch ") == 3  # one plain line per epoch off a terminal
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]

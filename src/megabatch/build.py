@@ -304,7 +304,8 @@ def describe(run: Run) -> str:
                  f"bn {r.model.bn}; model {r.model.arch}; {r.train.precision} compute"
                  f"{', compiled' if r.train.compile else ''}; gradients all-reduced in {r.train.comm_dtype}")
     lines.append(f"  {len(run.train_data)} training images, {steps} steps/epoch, {r.train.epochs} epochs "
-                 f"= {run.total_steps} steps; device {provenance.device_name(run.device)}")
+                 f"= {run.total_steps} steps; device {provenance.device_name(run.device)}"
+                 + (f": {provenance.cpu_summary()}" if run.device.type == "cpu" else ""))
     if run.noise:
         lines.append(f"  gradient noise scale: from {p.micro_batches * p.processes} micro-batches of "
                      f"{p.micro_batch} images per step" if p.micro_batches > 1 else "  gradient noise scale: NOT measured: a step has a single micro-batch "

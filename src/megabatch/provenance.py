@@ -58,6 +58,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_summary() -> str:
+    """The CPU, the kernels PyTorch picked on it, and whether bf16 is native:
+    "Intel(R) Xeon(R) Processor; AVX512; bf16 native"."""
+    return (f"{cpu_model()}; {torch.backends.cpu.get_cpu_capability()}; "
+            f"bf16 {'native' if cpu_native_bf16() else 'emulated'}")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -73,8 +80,7 @@ def collect(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "device": device_name(device),
         # Which kernels PyTorch picked here (AVX512, AVX2, ...) and whether bf16 is native.
-        "cpu": f"{cpu_model()}; {torch.backends.cpu.get_cpu_capability()}; "
-               f"bf16 {'native' if cpu_native_bf16() else 'emulated'}",
+        "cpu": cpu_summary(),
         "host": platform.node(),
         "git_commit": git_commit(),
         "command": " ".join(sys.argv),
