@@ -268,6 +268,8 @@ def test_a_resumed_run_keeps_the_provenance_of_every_earlier_attempt(tmp_path, f
             "--set", "batch.global_batch=256", "--set", "train.epochs=1", "--set", "train.precision=fp32"]
     assert main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), *args]) == 0
     first = json.loads((out / "run.json").read_text())
+    recipe = (out / "recipe.toml").read_text()
+    assert recipe.startswith("# resolved recipe (from fashion-mnist-demo)")
     assert "cpu" in first and "attempts" not in first and "resumed_from" not in first
     for _ in range(2):
         assert main(["train", "--resume", str(out)]) == 0
@@ -275,3 +277,4 @@ def test_a_resumed_run_keeps_the_provenance_of_every_earlier_attempt(tmp_path, f
     assert info["resumed_from"].endswith(".pt") and len(info["attempts"]) == 2
     assert info["attempts"][0] == first and info["attempts"][1]["resumed_from"] == info["resumed_from"]
     assert "attempts" not in info["attempts"][1]
+    assert (out / "recipe.toml").read_text() == recipe  # still says where it came from

@@ -139,7 +139,8 @@ def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
     run.net = wrap_model(torch.compile(model) if t.compile else model, dist, t.comm_dtype)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.toml").write_text(to_toml(recipe))
+        if state is None or not (out_dir / "recipe.toml").is_file():  # a resumed run's is its own already
+            (out_dir / "recipe.toml").write_text(to_toml(recipe))
         info = {**provenance.collect(device), "workers": plan.workers, "processes": dist.world_size,
                 "launcher": dist.launcher, "micro_batch": plan.micro_batch, "steps_per_epoch": steps,
                 "base_lr": recipe.base_lr}
