@@ -12,8 +12,11 @@ from problems import (FOREACH, DTYPES, make_mlp, make_data, train_step,
                       varying_lr, varying_alpha, assert_params_equal)
 
 # (rtol, atol) per dtype: float64 keeps the parity checks tight. Parameters are
-# O(0.1..1); RMSprop's g / sqrt(m) amplifies float32 rounding where g is near 0.
-TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-5)}
+# O(0.1..1); RMSprop's g / sqrt(m) amplifies float32 rounding where g is near 0:
+# after 200 float32 steps at rmsprop_lr 1e-3, one weight near 0.02 differed by 1.4e-5
+# on an AVX-512 CPU (the two optimizers associate their products differently), so
+# float32 allows 5% of one step; float64 shows the formulas are the same.
+TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 5e-5)}
 
 
 def assert_params_close(model_a, model_b, rtol, atol):
