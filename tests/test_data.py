@@ -97,3 +97,25 @@ def test_augmentation_slices_match_the_whole_batch():
     parts = torch.cat([aug[0:4].apply(x[0:4]), aug[4:8].apply(x[4:8])])
     assert torch.equal(whole, parts)
     assert aug.shift.abs().max() <= 2
+
+
+def test_hold_out_is_a_fixed_draw_that_partitions_the_training_images():
+    """The validation images and the training images left are disjoint, together all of
+    them, each in the source's order, the same draw on every call; none is held out for 0."""
+    from megabatch.data import hold_out
+    from megabatch.data.images import ImageTensors
+
+    n = 100
+    source = ImageTensors(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1), torch.arange(n) % 10,
+                          0.5, 0.25, tuple("0123456789"))
+    rest, held = hold_out(source, 10)
+    ids = [t.images.flatten().tolist() for t in (rest, held)]
+    assert (len(rest), len(held)) == (90, 10) and sorted(ids[0] + ids[1]) == list(range(n))
+    assert ids[0] == sorted(ids[0]) and ids[1] == sorted(ids[1])
+    assert ids[1] != list(range(90, 100)) and ids[1] != list(range(10))  # drawn, not the first or last
+    assert torch.equal(held.labels, held.images.flatten().long() % 10)  # labels travel with their images
+    again = hold_out(source, 10)[1]
+    assert torch.equal(again.images, held.images)
+    assert hold_out(source, 0) == (source, None)
+    with pytest.raises(UserError, match="data.validation_images = 100 leaves no training images out of 100"):
+        hold_out(source, 100)

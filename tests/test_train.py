@@ -278,3 +278,24 @@ def test_a_resumed_run_keeps_the_provenance_of_every_earlier_attempt(tmp_path, f
     assert info["attempts"][0] == first and info["attempts"][1]["resumed_from"] == info["resumed_from"]
     assert "attempts" not in info["attempts"][1]
     assert (out / "recipe.toml").read_text() == recipe  # still says where it came from
+
+
+def test_validation_images_are_held_out_of_training_and_evaluated(tmp_path, capsys, fashion_dir):
+    """data.validation_images: the run trains on the rest (fewer steps per epoch), every
+    evaluation reports val_top1 beside test_top1, and a study's result row carries it."""
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), "--set", "data.train_subset=2048",
+                 "--set", "data.validation_images=512", "--set", "data.test_subset=500",
+                 "--set", "batch.global_batch=256", "--set", "train.epochs=2", "--set", "train.precision=fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert "1536 training images (512 more held out for validation), 6 steps/epoch" in printed
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [6, 12]
+    assert all(0.0 < m["val_top1"] <= 100.0 and m["val_loss"] > 0 for m in lines)
+    assert lines[-1]["val_top1"] != lines[-1]["test_top1"]  # another set of images
+    assert f"val top-1 {lines[-1]['val_top1']:.2f}%" in printed and "(validation top-1" in printed
+    from megabatch.study.runner import summarize
+    from megabatch.study.spec import Method, Run as Cell
+
+    row = summarize(Cell(Method("demo", "fashion-mnist-demo"), 256, 0), out, diverged=False, wall_time_s=1.0)
+    assert row["final_val_top1"] == lines[-1]["val_top1"] and row["final_top1"] == lines[-1]["test_top1"]

@@ -25,7 +25,7 @@ from torch import nn
 from megabatch import checkpoint, distributed, models, provenance, schedules
 from megabatch import recipe as recipes
 from megabatch.batching import BatchPlan, max_micro_batch
-from megabatch.data import load_datasets
+from megabatch.data import hold_out, load_datasets
 from megabatch.distributed import DistInfo, wrap_model
 from megabatch.errors import UserError
 from megabatch.nn import convert_to_ghost_bn, set_bn_mode
@@ -121,6 +121,7 @@ def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
                             recipe.batch.micro_batch, dist.world_size, dist.rank,
                             max_micro_batch(device.type))
     train_data, test_data = load_datasets(recipe.data, data_dir, device.type, recipe.train.seed)
+    train_data, validation_data = hold_out(train_data, recipe.data.validation_images)
     model = build_model(recipe, train_data.channels, len(train_data.classes), device)
     steps = plan.steps_per_epoch(len(train_data))
     t = recipe.train
@@ -129,7 +130,7 @@ def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
               schedule=functools.partial(schedules.recipe_values, recipe, steps_per_epoch=steps), dist=dist,
               layout=memory_format(t.memory_format), autocast_dtype=AUTOCAST_DTYPES[t.precision],
               scaler=torch.amp.GradScaler(device.type) if t.precision == "fp16" else None,
-              noise=NoiseScale() if t.noise_scale else None)
+              noise=NoiseScale() if t.noise_scale else None, validation_data=validation_data)
     if state is not None:
         run.load_state_dict(state)
         restore_history(run, state)
@@ -304,7 +305,8 @@ def describe(run: Run) -> str:
                  f"{r.optimizer.weight_decay:g}{' (not on BN/bias)' if r.optimizer.no_decay_bn_bias else ''}; "
                  f"bn {r.model.bn}; model {r.model.arch}; {r.train.precision} compute"
                  f"{', compiled' if r.train.compile else ''}; gradients all-reduced in {r.train.comm_dtype}")
-    lines.append(f"  {len(run.train_data)} training images, {steps} steps/epoch, {r.train.epochs} epochs "
+    held = f" ({len(run.validation_data)} more held out for validation)" if run.validation_data else ""
+    lines.append(f"  {len(run.train_data)} training images{held}, {steps} steps/epoch, {r.train.epochs} epochs "
                  f"= {run.total_steps} steps; device {provenance.device_name(run.device)}"
                  + (f": {provenance.cpu_summary()}" if run.device.type == "cpu" else ""))
     if run.noise:

@@ -86,6 +86,11 @@ class DataConfig:
     """Train on the first N training images only (0 = all): for quick runs and tests."""
     test_subset: Count = 0
     """Evaluate on the first N test images only (0 = all)."""
+    validation_images: Count = 0
+    """Hold out N of the training images as a validation set (0 = none): the run trains on
+    the others, and every evaluation also reports val_top1, so that hyperparameters can be
+    chosen without looking at the test set. The same N images for every run and seed (a
+    fixed draw), taken after data.train_subset."""
     synthetic_size: list[Positive] = field(default_factory=lambda: [4096, 1024, 28, 1, 10])
     """Synthetic data only: train images, test images, image size, channels, classes."""
     image_size: Annotated[int, AtLeast(8)] = 224

@@ -46,6 +46,7 @@ class Run:
     autocast_dtype: torch.dtype | None = None  # None: fp32
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     noise: NoiseScale | None = None  # train.noise_scale
+    validation_data: Source | None = None  # data.validation_images held out of the training set
     log: Callable[[dict[str, Any], int], None] | None = None  # extra metric sink (TensorBoard)
     stop_requested: Callable[[], bool] = lambda: False  # a signal asked to stop at the next step
     iteration: int = 0

@@ -171,8 +171,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Source, device: torch.device, dist: DistInfo = DistInfo(),
              batch_size: int = 1000, layout: torch.memory_format = torch.contiguous_format,
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Test loss, top-1 and top-5 accuracy (in percent) with the stored BN statistics.
+             autocast_dtype: torch.dtype | None = None, name: str = "test") -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (in percent) on ``data`` with the stored BN statistics,
+    as ``{name}_loss``, ``{name}_top1``, ``{name}_top5``.
 
     Each process takes a contiguous shard of the test set (no padding, no duplicate)
     and the sums are added over processes, so the result is exact.
@@ -188,7 +189,7 @@ def evaluate(model: nn.Module, data: Source, device: torch.device, dist: DistInf
         sums += torch.stack([F.cross_entropy(logits.double(), y, reduction="sum"),
                              hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
     loss, top1, top5 = all_reduce_sum(sums, dist).tolist()
-    return {"test_loss": loss / n, "test_top1": 100.0 * top1 / n, "test_top5": 100.0 * top5 / n}
+    return {f"{name}_loss": loss / n, f"{name}_top1": 100.0 * top1 / n, f"{name}_top5": 100.0 * top5 / n}
 
 
 def save_checkpoint(run: Run, epochs_done: int) -> None:
@@ -239,6 +240,9 @@ def fit(run: Run) -> dict[str, Any]:
         if done or (epoch + 1) % r.train.eval_every == 0:
             metrics.update(evaluate(run.model, run.test_data, run.device, run.dist, run.plan.micro_batch,
                                     run.layout, run.autocast_dtype))
+            if run.validation_data is not None:
+                metrics.update(evaluate(run.model, run.validation_data, run.device, run.dist,
+                                        run.plan.micro_batch, run.layout, run.autocast_dtype, name="val"))
         if run.noise and run.noise.updates:
             metrics.update(noise_scale=run.noise.noise_scale, grad_sq_norm=run.noise.grad_sq_norm,
                            grad_trace_sigma=run.noise.trace_sigma)
@@ -255,8 +259,9 @@ def fit(run: Run) -> dict[str, Any]:
     if run.dist.is_main:
         final = checkpoint.save(run.state_dict(run.history[-1]["epoch"]), run.out_dir / "final.pt")
         last = run.history[-1]
+        val = f" (validation top-1 {last['val_top1']:.2f}%)" if "val_top1" in last else ""
         run.progress.info(f"final: test top-1 {last.get('test_top1', float('nan')):.2f}% "
-                          f"top-5 {last.get('test_top5', float('nan')):.2f}% after {run.iteration} "
+                          f"top-5 {last.get('test_top5', float('nan')):.2f}%{val} after {run.iteration} "
                           f"steps in {last['wall_time_s']:.0f} s; checkpoint {final}")
         plot_curves(run.history, run.out_dir / "curves.png", title=r.name)
     return run.history[-1]
@@ -264,7 +269,8 @@ def fit(run: Run) -> dict[str, Any]:
 
 def report_unreadable(run: Run, epoch: int, metrics: dict[str, Any]) -> None:
     """Count (over all processes) and name the images the data sources could not read."""
-    unreadable = run.train_data.take_unreadable() + run.test_data.take_unreadable()
+    sources = (run.train_data, run.test_data, run.validation_data)
+    unreadable = [path for source in sources if source is not None for path in source.take_unreadable()]
     count = int(all_reduce_sum(torch.tensor(float(len(unreadable)), device=run.device), run.dist))
     if count:
         metrics["unreadable_images"] = count
@@ -278,9 +284,11 @@ def log_epoch(run: Run, metrics: dict[str, Any]) -> None:
     with open(run.out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
     if run.log:
-        run.log({k: v for k, v in metrics.items() if k.startswith(("test_", "noise", "grad_"))}, run.iteration)
+        run.log({k: v for k, v in metrics.items() if k.startswith(("test_", "val_", "noise", "grad_"))},
+                run.iteration)
     test = (f" test top-1 {metrics['test_top1']:.2f}% top-5 {metrics['test_top5']:.2f}%"
             if "test_top1" in metrics else "")
+    test += f" val top-1 {metrics['val_top1']:.2f}%" if "val_top1" in metrics else ""
     noise = f" B_simple {metrics['noise_scale']:,.0f}" if "noise_scale" in metrics else ""
     run.progress.info(
         f"epoch {metrics['epoch']}/{run.recipe.train.epochs} iter {metrics['iteration']} "

@@ -164,3 +164,13 @@ def test_resnet50_end_to_end_on_tiny_imagenet(tiny, tmp_path, capsys):
     model.load_state_dict(state["model"], strict=True)
     assert main(["eval", "--checkpoint", str(out / "final.pt"), "--data", str(tiny)]) == 0
     assert f"top-1 {metrics['test_top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_a_folder_holds_out_validation_files_with_their_labels(tiny):
+    from megabatch.data import hold_out
+
+    train, _ = imagenet.load(tiny, SIZE, 40, workers=0)
+    rest, held = hold_out(train, 8)
+    assert (len(rest), len(held)) == (56, 8)
+    assert sorted(rest.samples + held.samples) == sorted(train.samples)
+    assert held.classes == train.classes and held.decoder == train.decoder

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from megabatch.data import fashion_mnist, imagenet, synthetic
 from megabatch.data.images import ImageTensors
 from megabatch.errors import UserError
@@ -29,6 +31,22 @@ def load_datasets(config, data_dir: str | None = None, device_type: str = "cpu",
     return train.subset(config.train_subset), test.subset(config.test_subset)
 
 
+VALIDATION_SEED = 0  # one draw of the held-out images for every run, seed and method
+
+
+def hold_out(train, n: int):
+    """(the training images left, a validation set of ``n`` of them): a fixed random draw,
+    both in the source's own order; ``(train, None)`` for n = 0."""
+    if n == 0:
+        return train, None
+    if n >= len(train):
+        raise UserError(f"data.validation_images = {n} leaves no training images out of {len(train)}: "
+                        f"hold out fewer (a tenth, {len(train) // 10}, is usual)")
+    drawn = torch.randperm(len(train), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    rest, held = drawn[n:].sort().values, drawn[:n].sort().values
+    return train.select(rest.tolist()), train.select(held.tolist())
+
+
 IMAGENET_TRAIN_SIZE = 1_281_167
 
 
@@ -37,4 +55,4 @@ def train_size(config) -> int:
     full = {"fashion-mnist": 60_000, "imagenet": IMAGENET_TRAIN_SIZE}.get(config.dataset)
     if full is None:
         full = config.synthetic_size[0]
-    return min(full, config.train_subset) if config.train_subset > 0 else full
+    return (min(full, config.train_subset) if config.train_subset > 0 else full) - config.validation_images

@@ -28,7 +28,7 @@ import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -271,9 +271,12 @@ class ImageFolderSource:
         if n <= 0 or n >= len(self):
             return self
         step = len(self) / n  # spread over the classes (the files are sorted by class)
-        samples = [self.samples[int(i * step)] for i in range(n)]
-        return ImageFolderSource(samples, list(self.classes), self.image_size, self.resize_size,
-                                 self.decoder, self.workers, self.seed)
+        return self.select([int(i * step) for i in range(n)])
+
+    def select(self, indices: Sequence[int]) -> "ImageFolderSource":
+        """The files at ``indices``, in that order."""
+        return ImageFolderSource([self.samples[i] for i in indices], list(self.classes), self.image_size,
+                                 self.resize_size, self.decoder, self.workers, self.seed)
 
 
 def load(root: str | Path, image_size: int = 224, resize_size: int = 256, decoder: str = "pil",

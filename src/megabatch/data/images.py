@@ -9,7 +9,7 @@ makes emulated and real workers compute the same thing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,3 +107,8 @@ class ImageTensors:
         if n <= 0 or n >= len(self):
             return self
         return ImageTensors(self.images[:n], self.labels[:n], self.mean, self.std, self.classes)
+
+    def select(self, indices: Sequence[int]) -> "ImageTensors":
+        """The images at ``indices``, in that order."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return ImageTensors(self.images[index], self.labels[index], self.mean, self.std, self.classes)

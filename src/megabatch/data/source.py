@@ -8,7 +8,7 @@ or files streamed by a DataLoader (:class:`~megabatch.data.imagenet.ImageFolderS
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -41,4 +41,8 @@ class Source(Protocol):
 
     def subset(self, n: int) -> "Source":
         """The first ``n`` images (a spread over the classes for a folder); all for n <= 0."""
+        ...
+
+    def select(self, indices: Sequence[int]) -> "Source":
+        """The images at ``indices``, in that order."""
         ...

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from megabatch.study.spec import StudySpec
 
 COLUMNS = ["method", "recipe", "batch", "workers", "seed", "epochs", "steps", "final_top1", "best_top1",
-           "diverged", "wall_time_s", "images_per_s"]
+           "diverged", "wall_time_s", "images_per_s", "final_val_top1"]
 TOLERANCE = 1.0  # points of top-1 below the small-batch baseline that still count as "keeps up"
 
 

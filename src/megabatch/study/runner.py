@@ -46,6 +46,7 @@ def summarize(run: Run, folder: Path, diverged: bool, wall_time_s: float) -> dic
         if (folder / "metrics.jsonl").is_file() else []
     info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
     tested = [m["test_top1"] for m in metrics if "test_top1" in m]
+    validated = [m["val_top1"] for m in metrics if "val_top1" in m]
     trained_s = sum(m["train_time_s"] for m in metrics)
     steps = metrics[-1]["iteration"] if metrics else 0
     return {
@@ -54,6 +55,8 @@ def summarize(run: Run, folder: Path, diverged: bool, wall_time_s: float) -> dic
         "epochs": metrics[-1]["epoch"] if metrics else 0, "steps": steps,
         "final_top1": float("nan") if diverged or not tested else tested[-1],
         "best_top1": max(tested) if tested else float("nan"),
+        # With data.validation_images: the held-out images' top-1, for choosing hyperparameters.
+        "final_val_top1": (float("nan") if diverged else validated[-1]) if validated else None,
         # A resumed run's own clock (fit carries it over), not just this attempt's.
         "diverged": diverged, "wall_time_s": round(metrics[-1].get("wall_time_s", wall_time_s)
                                                    if metrics else wall_time_s, 1),
