@@ -97,6 +97,14 @@ def test_builtin_spec_covers_the_methods_and_batches():
     assert len(largest) >= 2  # at least two seeds at the largest batch
 
 
+def test_builtin_tuned_spec_tunes_every_main_method_on_held_out_images():
+    spec = load_spec("fashion-mnist-paper-budget-tuned")
+    assert spec.tuning and "data.validation_images=6000" in spec.set and len(spec.runs()) == 27
+    cells = {(r.method.name, r.batch) for r in spec.runs()}
+    assert cells == {("baseline", 128)} | {(m, b) for m in ("linear", "goyal", "lars", "paper") for b in (2048, 8192)}
+    assert {r.lr_factor for r in spec.runs()} == {0.5, 1.0, 2.0}
+
+
 def test_largest_batch_keeping_up_stops_at_the_first_failure():
     spec = load_spec("fashion-mnist-batch-scaling")
     results = [{"method": "linear", "batch": b, "final_top1": v}
@@ -241,3 +249,80 @@ def test_a_study_of_some_methods_reports_the_whole_grid(tmp_path, fashion_dir):
     info = json.loads((out / "study.json").read_text())
     assert info["runs"] == 5 and info["this_invocation"] == {"methods": ["linear"], "seeds": None, "runs": 2}
     assert "cpu" in info
+
+
+TUNED = """
+description = "tuning"
+epochs = 1
+batches = [256]
+seeds = [0]
+lr_factors = [0.5, 1.0, 2.0]
+set = ["data.train_subset=2048", "data.validation_images=512", "data.test_subset=500", "batch.micro_batch=256",
+       "train.max_steps=2"]
+
+[methods.linear]
+recipe = "fashion-mnist-linear"
+
+[methods.paper]
+recipe = "fashion-mnist-paper"
+lr_factors = [1.0, 2.0]
+"""
+
+
+def test_lr_factors_multiply_each_recipes_own_rate_and_need_a_validation_split(tmp_path):
+    from megabatch import recipe as recipes
+
+    path = tmp_path / "tuned.toml"
+    path.write_text(TUNED)
+    spec = load_spec(str(path))
+    assert [r.key for r in spec.runs()] == ["linear/b256-s0-lr0.5", "linear/b256-s0", "linear/b256-s0-lr2",
+                                            "paper/b256-s0", "paper/b256-s0-lr2"]
+    assert spec.planned() == {("linear", 256): 1, ("paper", 256): 1}  # seeds per cell, not factors
+    for run in spec.runs():
+        tuned = recipes.load(run.method.recipe, spec.overrides(run)).optimizer.lr_per_256
+        default = recipes.load(run.method.recipe).optimizer.lr_per_256
+        assert tuned == pytest.approx(default * run.lr_factor, rel=1e-15)
+    path.write_text(TUNED.replace('"data.validation_images=512", ', ""))
+    with pytest.raises(UserError, match="method linear tunes lr_factors but holds out no validation images"):
+        load_spec(str(path))
+    path.write_text(TUNED.replace("[0.5, 1.0, 2.0]", "[0.5, -1.0]"))
+    with pytest.raises(UserError, match="lr_factors must be positive numbers"):
+        load_spec(str(path))
+
+
+def test_each_cell_reports_the_test_top1_of_the_factor_validation_chose(tmp_path):
+    from megabatch.study.report import tuned, write_markdown
+
+    path = tmp_path / "tuned.toml"
+    path.write_text(TUNED)
+    spec = load_spec(str(path))
+
+    def row(method, factor, val, test):
+        return {"method": method, "batch": 256, "seed": 0, "lr_factor": factor, "final_val_top1": val,
+                "final_top1": test}
+
+    results = [row("linear", 0.5, 80.0, 85.0), row("linear", 1.0, 82.0, 81.0),  # the best test is not chosen
+               row("linear", 2.0, float("nan"), float("nan")),  # diverged
+               row("paper", 1.0, 70.0, 71.0)]  # its x2 has not finished: no choice yet
+    rows, chosen = tuned(spec, results)
+    assert chosen == {("linear", 256): 1.0} and rows == [results[1]]
+    write_markdown(spec, results, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert "| linear | 81.00 (1, lr x1) |" in report and "| paper | missing |" in report
+    assert "| linear | 256 | 80.00 / 85.00 | **82.00 / 81.00** | diverged |" in report
+    assert "| paper | 256 |  | 70.00 / 71.00 | missing |" in report
+    assert "Partial: 1 of the 5 planned runs" in report
+
+
+def test_a_tuned_study_end_to_end(tmp_path, fashion_dir):
+    path = tmp_path / "tuned.toml"
+    path.write_text(TUNED)
+    out = tmp_path / "study"
+    assert main(["study", "--spec", str(path), "--out", str(out), "--methods", "paper", "--parallel", "2",
+                 "--data", str(fashion_dir)]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["lr_factor"], float(r["final_val_top1"]) > 0) for r in rows] == [("1.0", True), ("2.0", True)]
+    lrs = [json.loads((out / "runs" / "paper" / key / "run.json").read_text())["base_lr"]
+           for key in ("b256-s0", "b256-s0-lr2")]
+    assert lrs[1] == pytest.approx(2 * lrs[0])
+    assert "**" in (out / "report.md").read_text()  # paper's cell has chosen its factor

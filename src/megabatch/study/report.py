@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from megabatch.study.spec import StudySpec
 
-COLUMNS = ["method", "recipe", "batch", "workers", "seed", "epochs", "steps", "final_top1", "best_top1",
+COLUMNS = ["method", "recipe", "batch", "workers", "seed", "lr_factor", "epochs", "steps", "final_top1", "best_top1",
            "diverged", "wall_time_s", "images_per_s", "final_val_top1"]
 TOLERANCE = 1.0  # points of top-1 below the small-batch baseline that still count as "keeps up"
 
@@ -20,7 +20,7 @@ def write_csv(results: Sequence[dict[str, Any]], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(results)
+        writer.writerows({**r, "lr_factor": factor_of(r)} for r in results)
 
 
 def cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, int], list[float]]:
@@ -29,6 +29,62 @@ def cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, int], list[float
     for r in results:
         grouped[r["method"], r["batch"]].append(r["final_top1"])
     return grouped
+
+
+def factor_of(row: dict[str, Any]) -> float:
+    return row.get("lr_factor", 1.0)  # results written before tuning existed ran at 1.0
+
+
+def tuned(spec: StudySpec, results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[tuple[str, int], float]]:
+    """(the rows that stand for each cell, the learning-rate factor chosen per cell). Without
+    tuning, every row. With it, per (method, batch), the rows of the factor whose mean
+    validation top-1 over its finished seeds is best (a diverged factor loses), chosen once
+    every factor the cell plans has a finished run, so that a choice is never revised."""
+    if not spec.tuning:
+        return list(results), {}
+    by_factor: dict[tuple[str, int], dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        by_factor[r["method"], r["batch"]][factor_of(r)].append(r)
+    rows, chosen = [], {}
+    for method in spec.methods:
+        for (name, batch), runs in by_factor.items():
+            if name != method.name or set(runs) != set(spec.factors(method)):
+                continue
+
+            def score(factor: float) -> float:
+                mean, _ = mean_spread([r["final_val_top1"] for r in runs[factor]])
+                return -math.inf if math.isnan(mean) else mean
+
+            chosen[name, batch] = max(runs, key=score)
+            rows += runs[chosen[name, batch]]
+    return rows, chosen
+
+
+def tuning_lines(spec: StudySpec, results: Sequence[dict[str, Any]], chosen: dict[tuple[str, int], float]) -> list[str]:
+    """A table of every cell at every factor: validation / test top-1 (mean over seeds)."""
+    factors = sorted({f for m in spec.methods for f in spec.factors(m)})
+    grouped: dict[tuple[str, int, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        grouped[r["method"], r["batch"], factor_of(r)].append(r)
+    lines = ["", "Learning-rate tuning: validation / test top-1 (%) at each multiple of the recipe's "
+             "lr_per_256 (mean over finished seeds); the chosen factor, by validation, in bold.", "",
+             "| method | batch | " + " | ".join(f"x{f:g}" for f in factors) + " |",
+             "| --- | --- |" + " --- |" * len(factors)]
+    for method, batch in spec.planned():
+        cells_ = []
+        for f in factors:
+            rows = grouped.get((method, batch, f))
+            if f not in spec.factors(next(m for m in spec.methods if m.name == method)):
+                cells_.append("")
+            elif not rows:
+                cells_.append("missing")
+            else:
+                val, _ = mean_spread([r["final_val_top1"] for r in rows])
+                test, _ = mean_spread([r["final_top1"] for r in rows])
+                text = "diverged" if math.isnan(test) else f"{val:.2f} / {test:.2f}"
+                cells_.append(f"**{text}**" if chosen.get((method, batch)) == f else text)
+        lines.append(f"| {method} | {batch:,} | " + " | ".join(cells_) + " |")
+    return lines
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -69,6 +125,7 @@ def keeping_up_line(best: int | None, pending: int | None) -> str:
 
 
 def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Path, note: str = "") -> None:
+    every, (results, chosen) = results, tuned(spec, results)
     table = cells(results)
     batches = sorted({b for _, b in table})
     baseline_method = spec.methods[0].name
@@ -76,12 +133,15 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
     baseline, _ = mean_spread(base_values)
     planned = spec.planned()
     batches = sorted({b for _, b in planned} | set(batches))
-    missing = sum(planned.values()) - len(results)
+    total = len(spec.runs())
+    missing = total - len(every)
+    chosen_note = (" Each cell at the learning-rate factor its validation top-1 chose (lr xF), with the "
+                   "test top-1 of that factor's runs." if spec.tuning else "")
     lines = [f"# Study {spec.name}", "", spec.description, "",
-             f"{len(results)} runs, {spec.epochs} epochs each. Final test top-1 (%), mean ± standard "
-             f"deviation over seeds (n); \"diverged\" = the loss became NaN or infinite.", ""]
+             f"{len(every)} runs, {spec.epochs} epochs each. Final test top-1 (%), mean ± standard "
+             f"deviation over seeds (n); \"diverged\" = the loss became NaN or infinite.{chosen_note}", ""]
     if missing > 0:
-        lines += [f"**Partial: {missing} of the {sum(planned.values())} planned runs have not finished yet.** "
+        lines += [f"**Partial: {missing} of the {total} planned runs have not finished yet.** "
                   f"\"missing\" marks a cell with no finished run; (n of m) a cell with fewer seeds than "
                   f"planned. `megabatch study` with the same --out continues the study.", ""]
     if note:
@@ -97,6 +157,8 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
                 continue
             mean, spread = mean_spread(values)
             count = f"{len(values)}" if len(values) >= wanted else f"{len(values)} of {wanted}"
+            if (method.name, batch) in chosen:
+                count += f", lr x{chosen[method.name, batch]:g}"
             shown = f"{mean:.2f}" + (f" ± {spread:.2f}" if len(values) > 1 else "")  # one seed: no spread
             row.append("diverged" if math.isnan(mean) else f"{shown} ({count})")
         lines.append(f"| {method.name} | " + " | ".join(row) + " |")
@@ -109,6 +171,8 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
         for name, (best, pending) in largest_keeping_up(spec, results, baseline).items():
             if name != baseline_method:
                 lines.append(f"- {name}: {keeping_up_line(best, pending)}")
+    if spec.tuning:
+        lines += tuning_lines(spec, every, chosen)
     lines += ["", "Per run: `results.csv`; plots: `accuracy_vs_batch.png`, `curves_largest_batch.png`, "
               "`ablations.png`.", ""]
     path.write_text("\n".join(lines))
@@ -118,6 +182,7 @@ def plot(spec: StudySpec, results: Sequence[dict[str, Any]], out: Path) -> list[
     from megabatch.plots import pyplot
 
     plt = pyplot()
+    results, _ = tuned(spec, results)  # with tuning, each cell at its chosen learning rate
     table = cells(results)
     written = []
     if not results:

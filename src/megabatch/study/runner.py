@@ -51,7 +51,7 @@ def summarize(run: Run, folder: Path, diverged: bool, wall_time_s: float) -> dic
     steps = metrics[-1]["iteration"] if metrics else 0
     return {
         "method": run.method.name, "recipe": run.method.recipe, "batch": run.batch,
-        "workers": info.get("workers", run.batch // 32), "seed": run.seed,
+        "workers": info.get("workers", run.batch // 32), "seed": run.seed, "lr_factor": run.lr_factor,
         "epochs": metrics[-1]["epoch"] if metrics else 0, "steps": steps,
         "final_top1": float("nan") if diverged or not tested else tested[-1],
         "best_top1": max(tested) if tested else float("nan"),
@@ -70,7 +70,7 @@ def first_seeds_first(grid: list[Run]) -> list[Run]:
     seen: dict[tuple[str, int], int] = {}
     rank = []
     for run in grid:
-        cell = (run.method.name, run.batch)
+        cell = (run.method.name, run.batch, run.lr_factor)
         rank.append(seen.get(cell, 0))
         seen[cell] = rank[-1] + 1
     return [run for _, run in sorted(zip(rank, grid), key=lambda pair: pair[0])]

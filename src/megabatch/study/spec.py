@@ -18,6 +18,15 @@ A spec is a TOML file (built-in ones in ``megabatch/specs``)::
     largest_only = true         # only at the study's largest batch
     ablation_of = "paper"       # drawn in the ablation bars beside "paper"
     seeds = [0]                 # its own seeds instead of the study's
+
+Tuning (Shallue et al. 2019: a tuning budget decides such comparisons)::
+
+    lr_factors = [0.5, 1.0, 2.0]  # every run at these multiples of its recipe's lr_per_256
+    set = ["data.validation_images=6000"]  # chosen on held-out training images
+
+Each cell then reports the test top-1 of the factor whose validation top-1 is best
+(:func:`megabatch.study.report.tuned`); a method may give its own ``lr_factors``.
+Tuning without ``data.validation_images`` is refused: it would tune on the test set.
 """
 
 from __future__ import annotations
@@ -40,19 +49,23 @@ class Method:
     ablation_of: str = ""
     set: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()  # empty: the study's seeds (and extra seeds)
+    lr_factors: tuple[float, ...] = ()  # empty: the study's
+    lr_per_256: float = 0.0  # its recipe's (with the spec's and its own overrides), which factors multiply
 
 
 @dataclass(frozen=True)
 class Run:
-    """One cell of the grid."""
+    """One run of the grid: a cell (method, batch) at one seed and learning-rate factor."""
 
     method: Method
     batch: int
     seed: int
+    lr_factor: float = 1.0
 
     @property
     def key(self) -> str:
-        return f"{self.method.name}/b{self.batch}-s{self.seed}"
+        return f"{self.method.name}/b{self.batch}-s{self.seed}" + (
+            f"-lr{self.lr_factor:g}" if self.lr_factor != 1.0 else "")
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ class StudySpec:
     set: tuple[str, ...] = field(default=())
     only_seeds: tuple[int, ...] = ()  # a reduced grid: just these seeds of each cell
     only_methods: tuple[str, ...] = ()  # a reduced grid: just these methods
+    lr_factors: tuple[float, ...] = (1.0,)  # multiples of each recipe's lr_per_256 (tuning)
 
     def runs(self) -> list[Run]:
         """The grid: every method at its batches, every seed (extra seeds at large batches)."""
@@ -80,21 +94,33 @@ class StudySpec:
                 batches = (max(self.batches),)
             for batch in batches:
                 seeds = method.seeds or self.seeds + (self.extra_seeds if batch >= self.extra_seeds_from else ())
-                grid += [Run(method, batch, seed) for seed in dict.fromkeys(seeds)
-                         if not self.only_seeds or seed in self.only_seeds]
+                grid += [Run(method, batch, seed, factor) for seed in dict.fromkeys(seeds)
+                         if not self.only_seeds or seed in self.only_seeds
+                         for factor in self.factors(method)]
         return grid
 
+    def factors(self, method: Method) -> tuple[float, ...]:
+        """The learning-rate factors ``method`` runs at."""
+        return method.lr_factors or self.lr_factors
+
+    @property
+    def tuning(self) -> bool:
+        return any(self.factors(m) != (1.0,) for m in self.methods)
+
     def planned(self) -> Counter[tuple[str, int]]:
-        """How many runs (seeds) the grid plans for each (method, batch) cell."""
-        return Counter((run.method.name, run.batch) for run in self.runs())
+        """How many seeds the grid plans for each (method, batch) cell."""
+        return Counter((m, b) for m, b, _ in dict.fromkeys(
+            (run.method.name, run.batch, run.seed) for run in self.runs()))
 
     def whole(self) -> StudySpec:
         """The grid that a reduction to some methods or seeds takes its runs from."""
         return replace(self, only_seeds=(), only_methods=())
 
     def overrides(self, run: Run) -> list[str]:
+        lr = ([f"optimizer.lr_per_256={run.method.lr_per_256 * run.lr_factor!r}"]
+              if run.lr_factor != 1.0 else [])
         return [*self.set, *run.method.set, f"batch.global_batch={run.batch}", f"train.seed={run.seed}",
-                f"train.epochs={self.epochs}"]
+                f"train.epochs={self.epochs}", *lr]
 
 
 def builtin_names() -> list[str]:
@@ -102,9 +128,24 @@ def builtin_names() -> list[str]:
 
 
 _TOP = {"description": str, "epochs": int, "batches": list, "seeds": list, "extra_seeds": list,
-        "extra_seeds_from": int, "set": list, "methods": dict}
+        "extra_seeds_from": int, "set": list, "methods": dict, "lr_factors": list}
 _METHOD = {"recipe": str, "batches": list, "largest_only": bool, "ablation_of": str, "set": list,
-           "seeds": list}
+           "seeds": list, "lr_factors": list}
+
+
+def _holds_out(assignments: list[str]) -> bool:
+    values = [a.split("=", 1)[1].strip() for a in assignments
+              if a.split("=", 1)[0].strip() == "data.validation_images"]
+    return bool(values) and values[-1] not in ("0", "")
+
+
+def _factors(table: dict[str, Any], where: str) -> tuple[float, ...]:
+    factors = table.get("lr_factors", ())
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors):
+        raise UserError(f"study spec key {where}lr_factors must be positive numbers, got {factors!r}")
+    if len(set(factors)) != len(factors):
+        raise UserError(f"study spec key {where}lr_factors repeats a value: {factors!r}")
+    return tuple(float(f) for f in factors)
 
 
 def _check(table: dict[str, Any], allowed: dict[str, type], where: str) -> None:
@@ -132,15 +173,23 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
         if not isinstance(table, dict) or "recipe" not in table:
             raise UserError(f"study spec method {name} needs a recipe = \"NAME\"")
         _check(table, _METHOD, f"methods.{name}.")
+        method_set = tuple(table.get("set", ()))
+        base = recipes.load(table["recipe"], [*data.get("set", ()), *extra_set, *method_set])
         methods.append(Method(name, table["recipe"], tuple(table.get("batches", ())),
                               table.get("largest_only", False), table.get("ablation_of", ""),
-                              tuple(table.get("set", ())), tuple(table.get("seeds", ()))))
+                              method_set, tuple(table.get("seeds", ())), _factors(table, f"methods.{name}."),
+                              base.optimizer.lr_per_256))
     spec = StudySpec(
         name=Path(name_or_path).stem, description=data.get("description", ""), methods=tuple(methods),
         batches=tuple(batches or data.get("batches", ())), epochs=epochs or data.get("epochs", 90),
         seeds=tuple(data.get("seeds", (0,))), extra_seeds=tuple(data.get("extra_seeds", ())),
         extra_seeds_from=data.get("extra_seeds_from", 0), set=(*data.get("set", ()), *extra_set),
-        only_seeds=tuple(seeds or ()), only_methods=only_methods)
+        only_seeds=tuple(seeds or ()), only_methods=only_methods, lr_factors=_factors(data, "") or (1.0,))
+    for method in spec.methods:
+        if spec.factors(method) != (1.0,) and not _holds_out([*spec.set, *method.set]):
+            raise UserError(f"study spec {name_or_path}: method {method.name} tunes lr_factors but holds out "
+                            f"no validation images: add \"data.validation_images=N\" to the spec's set "
+                            f"(choosing on the test set would tune on the test set)")
     if not spec.batches:
         raise UserError(f"study spec {name_or_path} needs batches = [...]")
     names = {m.name for m in spec.methods}
