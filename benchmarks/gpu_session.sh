@@ -4,6 +4,13 @@
 #   bash benchmarks/gpu_session.sh bench    # `megabatch bench` on the GPU (issue 4's figures)
 #   bash benchmarks/gpu_session.sh checks   # each CUDA path once: nvJPEG decode, bf16/fp16, compile, NCCL
 #   bash benchmarks/gpu_session.sh tests    # the test suite with a GPU visible
+#   bash benchmarks/gpu_session.sh study    # the 90-epoch study on the GPU, several runs at once
+#       (STUDY_SPEC=fashion-mnist-paper-budget-tuned for the tuned extension; PARALLEL=8)
+#
+# A study stops cleanly at its time limit (the runs checkpoint) and continues on the next
+# call: it works in $OUT/<folder>, starting from benchmarks/results/<folder> if the
+# checkout has it. Copy $OUT/<folder> back there (checkpoints included: carry that folder
+# on the next call, since git ignores checkpoints) and call again until it says it finished.
 #
 # It runs megabatch from source (PYTHONPATH=src) with whatever torch the machine has
 # (torch 2.11 on the lent H100/H200) and installs nothing. Results and logs go to
@@ -37,7 +44,8 @@ run() {
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "--- $name: exit $rc after $((SECONDS - start)) s"
-  [ "$rc" = 0 ] || failed+=("$name (exit $rc)")
+  if [ "$rc" = 75 ]; then echo "--- $name: stopped at its time limit; the same call continues it"
+  elif [ "$rc" != 0 ]; then failed+=("$name (exit $rc)"); fi
 }
 
 say "machine"
@@ -77,12 +85,28 @@ checks)
       --recipe fashion-mnist-demo --data "$fashion" --out "$out/runs/torchrun-1" \
       --set train.max_steps=$((steps * 5)) --set train.epochs=1
   ;;
+study)
+  spec=${STUDY_SPEC:-fashion-mnist-paper-budget}
+  folder=study-$spec-gpu
+  [ -n "$quick" ] && folder=$folder-quick
+  mkdir -p "$out/$folder"
+  [ -d "benchmarks/results/$folder" ] && cp -r "benchmarks/results/$folder/." "$out/$folder/"
+  if [ -n "$quick" ]; then
+    tiny=(--epochs 1 --seeds 0 --set data.train_subset=9216 --set data.validation_images=1024
+          --set data.test_subset=500 --set train.max_steps=2)
+  else
+    tiny=()
+  fi
+  # --preserve-status: at the limit timeout's SIGTERM makes the study checkpoint and exit 75.
+  run "$folder" 570 timeout --preserve-status 560 "$py" -m megabatch study --spec "$spec" \
+      --parallel "${PARALLEL:-8}" --data "$fashion" --out "$out/$folder" "${tiny[@]}"
+  ;;
 tests)
   if [ -n "$quick" ]; then tests=(tests/data/test_imagenet.py); else tests=(tests); fi
   run tests 570 "$py" -m pytest -q -p no:cacheprovider "${tests[@]}"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh bench|checks|tests [--quick]" >&2
+  echo "usage: bash benchmarks/gpu_session.sh bench|checks|tests|study [--quick]" >&2
   exit 2
   ;;
 esac

@@ -285,6 +285,10 @@ def test_lr_factors_multiply_each_recipes_own_rate_and_need_a_validation_split(t
     path.write_text(TUNED.replace('"data.validation_images=512", ', ""))
     with pytest.raises(UserError, match="method linear tunes lr_factors but holds out no validation images"):
         load_spec(str(path))
+    path.write_text(TUNED.replace("data.validation_images=512", "data.validation_images=2048"))
+    with pytest.raises(UserError, match="linear/b256-s0-lr0.5 has 0 training images after data.validation_images "
+                                        "= 2048, fewer than its global batch 256"):
+        load_spec(str(path))
     path.write_text(TUNED.replace("[0.5, 1.0, 2.0]", "[0.5, -1.0]"))
     with pytest.raises(UserError, match="lr_factors must be positive numbers"):
         load_spec(str(path))
@@ -306,6 +310,8 @@ def test_each_cell_reports_the_test_top1_of_the_factor_validation_chose(tmp_path
                row("paper", 1.0, 70.0, 71.0)]  # its x2 has not finished: no choice yet
     rows, chosen = tuned(spec, results)
     assert chosen == {("linear", 256): 1.0} and rows == [results[1]]
+    tie = [row("linear", 0.5, 82.0, 85.0), *results[1:]]
+    assert tuned(spec, tie)[1] == {("linear", 256): 1.0}  # a tie goes to the recipe's own rate
     write_markdown(spec, results, tmp_path / "report.md")
     report = (tmp_path / "report.md").read_text()
     assert "| linear | 81.00 (1, lr x1) |" in report and "| paper | missing |" in report

@@ -38,7 +38,8 @@ def factor_of(row: dict[str, Any]) -> float:
 def tuned(spec: StudySpec, results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[tuple[str, int], float]]:
     """(the rows that stand for each cell, the learning-rate factor chosen per cell). Without
     tuning, every row. With it, per (method, batch), the rows of the factor whose mean
-    validation top-1 over its finished seeds is best (a diverged factor loses), chosen once
+    validation top-1 over its finished seeds is best (a diverged factor loses; a tie goes to
+    the recipe's own rate), chosen once
     every factor the cell plans has a finished run, so that a choice is never revised."""
     if not spec.tuning:
         return list(results), {}
@@ -51,9 +52,9 @@ def tuned(spec: StudySpec, results: Sequence[dict[str, Any]]) -> tuple[list[dict
             if name != method.name or set(runs) != set(spec.factors(method)):
                 continue
 
-            def score(factor: float) -> float:
+            def score(factor: float) -> tuple[float, bool]:  # a tie goes to the recipe's own rate
                 mean, _ = mean_spread([r["final_val_top1"] for r in runs[factor]])
-                return -math.inf if math.isnan(mean) else mean
+                return -math.inf if math.isnan(mean) else mean, factor == 1.0
 
             chosen[name, batch] = max(runs, key=score)
             rows += runs[chosen[name, batch]]

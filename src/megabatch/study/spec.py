@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from megabatch import recipe as recipes, tomlfile
+from megabatch.data import train_size
 from megabatch.errors import UserError
 
 
@@ -200,5 +201,11 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
         if method.ablation_of and method.ablation_of not in names:
             raise UserError(f"method {method.name}: ablation_of = {method.ablation_of!r} is not a method")
     for run in spec.runs():
-        recipes.load(run.method.recipe, spec.overrides(run))  # fail now, not hours in
+        recipe = recipes.load(run.method.recipe, spec.overrides(run))  # fail now, not hours in
+        if train_size(recipe.data) < recipe.batch.global_batch:
+            held = (f" after data.validation_images = {recipe.data.validation_images}"
+                    if recipe.data.validation_images else "")
+            raise UserError(f"study spec {name_or_path}: {run.key} has {max(train_size(recipe.data), 0)} "
+                            f"training images{held}, fewer than its global batch {recipe.batch.global_batch}: "
+                            f"train on more (data.train_subset) or hold out fewer")
     return spec
