@@ -39,8 +39,8 @@ def tuned(spec: StudySpec, results: Sequence[dict[str, Any]]) -> tuple[list[dict
     """(the rows that stand for each cell, the learning-rate factor chosen per cell). Without
     tuning, every row. With it, per (method, batch), the rows of the factor whose mean
     validation top-1 over its finished seeds is best (a diverged factor loses; a tie goes to
-    the recipe's own rate), chosen once
-    every factor the cell plans has a finished run, so that a choice is never revised."""
+    the recipe's own rate), chosen once every factor the cell plans has a finished run, so
+    that a choice is never revised."""
     if not spec.tuning:
         return list(results), {}
     by_factor: dict[tuple[str, int], dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
