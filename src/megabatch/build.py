@@ -305,7 +305,8 @@ def describe(run: Run) -> str:
                  f"{r.optimizer.weight_decay:g}{' (not on BN/bias)' if r.optimizer.no_decay_bn_bias else ''}; "
                  f"bn {r.model.bn}; model {r.model.arch}; {r.train.precision} compute"
                  f"{', compiled' if r.train.compile else ''}; gradients all-reduced in {r.train.comm_dtype}")
-    held = f" ({len(run.validation_data)} more held out for validation)" if run.validation_data else ""
+    held = (f" ({len(run.validation_data)} more held out for validation)"
+            if run.validation_data is not None else "")
     lines.append(f"  {len(run.train_data)} training images{held}, {steps} steps/epoch, {r.train.epochs} epochs "
                  f"= {run.total_steps} steps; device {provenance.device_name(run.device)}"
                  + (f": {provenance.cpu_summary()}" if run.device.type == "cpu" else ""))

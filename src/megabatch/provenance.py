@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 import sys
@@ -31,13 +32,18 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
+@functools.cache
+def _cpuinfo() -> tuple[str, ...]:
+    """The lines of /proc/cpuinfo, read once (none where there is no such file)."""
+    try:
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return ()
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (Linux; elsewhere: none known)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((l for l in text.splitlines() if l.startswith(("flags", "Features"))), "")
+    line = next((l for l in _cpuinfo() if l.startswith(("flags", "Features"))), "")
     return set(line.partition(":")[2].split())
 
 
@@ -49,12 +55,9 @@ def cpu_native_bf16() -> bool:
 def cpu_model() -> str:
     """The CPU's model name ("Intel(R) Xeon(R) Processor", "AMD EPYC 7B13"): the results
     of one study may come from several machines, whose speed and bf16 support differ."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
     return platform.processor() or platform.machine()
 
 

@@ -134,12 +134,6 @@ _METHOD = {"recipe": str, "batches": list, "largest_only": bool, "ablation_of": 
            "seeds": list, "lr_factors": list}
 
 
-def _holds_out(assignments: list[str]) -> bool:
-    values = [a.split("=", 1)[1].strip() for a in assignments
-              if a.split("=", 1)[0].strip() == "data.validation_images"]
-    return bool(values) and values[-1] not in ("0", "")
-
-
 def _factors(table: dict[str, Any], where: str) -> tuple[float, ...]:
     factors = table.get("lr_factors", ())
     if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors):
@@ -186,11 +180,6 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
         seeds=tuple(data.get("seeds", (0,))), extra_seeds=tuple(data.get("extra_seeds", ())),
         extra_seeds_from=data.get("extra_seeds_from", 0), set=(*data.get("set", ()), *extra_set),
         only_seeds=tuple(seeds or ()), only_methods=only_methods, lr_factors=_factors(data, "") or (1.0,))
-    for method in spec.methods:
-        if spec.factors(method) != (1.0,) and not _holds_out([*spec.set, *method.set]):
-            raise UserError(f"study spec {name_or_path}: method {method.name} tunes lr_factors but holds out "
-                            f"no validation images: add \"data.validation_images=N\" to the spec's set "
-                            f"(choosing on the test set would tune on the test set)")
     if not spec.batches:
         raise UserError(f"study spec {name_or_path} needs batches = [...]")
     names = {m.name for m in spec.methods}
@@ -202,6 +191,10 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
             raise UserError(f"method {method.name}: ablation_of = {method.ablation_of!r} is not a method")
     for run in spec.runs():
         recipe = recipes.load(run.method.recipe, spec.overrides(run))  # fail now, not hours in
+        if spec.factors(run.method) != (1.0,) and not recipe.data.validation_images:
+            raise UserError(f"study spec {name_or_path}: method {run.method.name} tunes lr_factors but holds "
+                            f"out no validation images: add \"data.validation_images=N\" to the spec's set "
+                            f"(choosing on the test set would tune on the test set)")
         if train_size(recipe.data) < recipe.batch.global_batch:
             held = (f" after data.validation_images = {recipe.data.validation_images}"
                     if recipe.data.validation_images else "")
