@@ -53,6 +53,10 @@ ROWS = [
     (["eval", "--checkpoint", "{recipe_file}"], 2, "is not a checkpoint"),
     (["eval", "--checkpoint", "{nan_checkpoint}"], 1, "holds NaN or infinite weights (0.weight)"),
     (["eval", "--checkpoint", "{truncated_checkpoint}"], 2, "truncated or corrupt"),
+    (["eval", "--checkpoint", "{good_checkpoint}", "--recompute-bn", "48"], 2,
+     "--recompute-bn 48 is not a whole number of workers of 32 images"),
+    (["eval", "--checkpoint", "{good_checkpoint}", "--recompute-bn", "60032"], 2,
+     "the recipe has 60000 training images; ask for fewer"),
     # commands
     (["noise-scale", "--recipe", "fashion-mnist-demo", "--steps", "1"], 2, "--steps must be at least 2"),
     (["noise-scale", "--recipe", "fashion-mnist-demo", "--set", "batch.micro_batch=2048"], 2,
@@ -77,7 +81,8 @@ def files(tmp_path):
     nan = tmp_path / "nan.pt"
     state["model"]["0.weight"] = torch.full_like(state["model"]["0.weight"], float("nan"))
     torch.save(state, nan)  # as another tool (or an older megabatch) might have written it
-    return {"recipe_file": recipe_file, "nan_checkpoint": nan, "truncated_checkpoint": truncated, "tmp": tmp_path}
+    return {"recipe_file": recipe_file, "good_checkpoint": good, "nan_checkpoint": nan,
+            "truncated_checkpoint": truncated, "tmp": tmp_path}
 
 
 @pytest.mark.parametrize("argv, status, words", ROWS, ids=[" ".join(r[0][1:])[:60] for r in ROWS])

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from megabatch import checkpoint, models, recipe as recipes
-from megabatch.batching import epoch_order
+from megabatch.batching import BatchPlan, epoch_order
 from megabatch.cli import main
 from megabatch.nn import batch_norm_layers
 from megabatch.progress import Progress
 from megabatch.provenance import cpu_summary
 from megabatch.build import build_optimizer, build_run, configure_backends
-from megabatch.train import set_hyperparameters, train_one_epoch
+from megabatch.train import recompute_bn_statistics, set_hyperparameters, train_one_epoch
 from megabatch.schedules import recipe_values
 
 SMALL = ["data.train_subset=1024", "data.test_subset=500", "train.epochs=1", "train.comm_dtype=fp32",
@@ -137,7 +137,15 @@ def test_end_to_end_on_real_data_then_eval(tmp_path, capsys, fashion_dir):
     state = checkpoint.load(out / "final.pt")
     models.create("small-cnn", 10, 1).load_state_dict(state["model"], strict=True)
     assert main(["eval", "--checkpoint", str(out / "final.pt")]) == 0
-    assert f"top-1 {lines[-1]['test_top1']:.2f}%" in capsys.readouterr().out
+    assert f"stored BN statistics: top-1 {lines[-1]['test_top1']:.2f}%" in capsys.readouterr().out
+    saved = (out / "final.pt").read_bytes()
+    assert main(["eval", "--checkpoint", str(out / "final.pt"), "--recompute-bn"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].startswith(f"  stored BN statistics: top-1 {lines[-1]['test_top1']:.2f}%")
+    recomputed = printed[2]  # from another batch of 512 than the last step's: close, not equal
+    assert recomputed.startswith("  BN statistics of 512 training images (16 workers x 32): top-1 ")
+    assert abs(float(recomputed.split("top-1 ")[1].split("%")[0]) - lines[-1]["test_top1"]) < 3.0
+    assert (out / "final.pt").read_bytes() == saved  # eval writes nothing
 
 
 def test_diverged_run_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, capsys, fashion_dir):
@@ -299,3 +307,23 @@ def test_validation_images_are_held_out_of_training_and_evaluated(tmp_path, caps
 
     row = summarize(Cell(Method("demo", "fashion-mnist-demo"), 256, 0), out, diverged=False, wall_time_s=1.0)
     assert row["final_val_top1"] == lines[-1]["val_top1"] and row["final_top1"] == lines[-1]["test_top1"]
+
+
+def test_recomputed_bn_statistics_are_the_mean_over_workers_of_one_batch():
+    from megabatch.data.images import ImageTensors
+    from megabatch.nn import GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    data = ImageTensors(torch.randint(0, 256, (40, 3, 5, 5), dtype=torch.uint8), torch.zeros(40, dtype=torch.long),
+                        0.5, 0.25, ("a",))
+    model = torch.nn.Sequential(GhostBatchNorm2d(3, group_size=4, momentum=0.1))
+    plan = BatchPlan.create(16, 4, 8)  # 4 workers of 4 images, in 2 passes
+    recompute_bn_statistics(model, data, plan, seed=3, augment=False, device=torch.device("cpu"))
+    x, _ = data.batch(epoch_order(3, 0, 40)[:16])
+    groups = x.view(4, 4, 3, 5, 5)
+    mean = groups.mean(dim=(1, 3, 4)).mean(0)
+    var = groups.var(dim=(1, 3, 4), unbiased=True).mean(0)
+    bn = model[0]
+    torch.testing.assert_close(bn.running_mean, mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, var, rtol=0, atol=1e-6)
+    assert bn.momentum == 0.1 and not bn.training  # the layer's own setting is kept; ready to evaluate

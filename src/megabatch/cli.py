@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megabatch import __version__
 from megabatch.bench import configure_parser as configure_bench
 from megabatch.errors import UserError
 from megabatch.simulate.command import configure_parser as configure_simulate
+
+if TYPE_CHECKING:
+    from megabatch.batching import BatchPlan
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -26,24 +30,49 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from megabatch import checkpoint
     from megabatch.build import AUTOCAST_DTYPES, build_model, memory_format, resolve_device, resolve_recipe
-    from megabatch.data import load_datasets
+    from megabatch.data import hold_out, load_datasets
     from megabatch.recipe import from_dict
-    from megabatch.train import evaluate
+    from megabatch.train import evaluate, recompute_bn_statistics
 
     state = checkpoint.load(args.checkpoint, require_finite=True)
     saved = from_dict(state["recipe"])
     device = resolve_device(args.device or saved.train.device)
     recipe = resolve_recipe(saved, device)
-    _, test = load_datasets(recipe.data, args.data, device.type)
+    train, test = load_datasets(recipe.data, args.data, device.type)
+    train, _ = hold_out(train, recipe.data.validation_images)
     model = build_model(recipe, test.channels, len(test.classes), device)
     model.load_state_dict(state["model"])
-    result = evaluate(model, test, device, batch_size=max(recipe.batch.micro_batch, 256),
-                      layout=memory_format(recipe.train.memory_format),
-                      autocast_dtype=AUTOCAST_DTYPES[recipe.train.precision])
-    print(f"{args.checkpoint}: {recipe.name} after {state['iteration']} steps: "
-          f"top-1 {result['test_top1']:.2f}%  top-5 {result['test_top5']:.2f}%  "
-          f"loss {result['test_loss']:.4f}  ({len(test)} test images)")
+    layout, dtype = memory_format(recipe.train.memory_format), AUTOCAST_DTYPES[recipe.train.precision]
+
+    def report(statistics: str) -> None:
+        result = evaluate(model, test, device, batch_size=max(recipe.batch.micro_batch, 256), layout=layout,
+                          autocast_dtype=dtype)
+        print(f"  {statistics}: top-1 {result['test_top1']:.2f}%  top-5 {result['test_top5']:.2f}%  "
+              f"loss {result['test_loss']:.4f}")
+
+    print(f"{args.checkpoint}: {recipe.name} after {state['iteration']} steps, {len(test)} test images")
+    report("stored BN statistics")
+    if args.recompute_bn is not None:
+        plan = bn_plan(args.recompute_bn, recipe, train, device)
+        recompute_bn_statistics(model, train, plan, recipe.train.seed, recipe.data.augment, device, layout, dtype)
+        report(f"BN statistics of {plan.global_batch} training images ({plan.workers} workers x "
+               f"{plan.per_worker_batch})")
     return 0
+
+
+def bn_plan(images: int, recipe, train, device) -> BatchPlan:
+    """The batch that ``eval --recompute-bn`` takes its statistics from: ``images`` (0: the
+    recipe's global batch) in the recipe's worker groups; the micro-batches (which do not change
+    the statistics) are the device's automatic ones."""
+    from megabatch.batching import BatchPlan, max_micro_batch
+
+    images = images or recipe.batch.global_batch
+    if images > len(train):
+        raise UserError(f"--recompute-bn {images}: the recipe has {len(train)} training images; ask for fewer")
+    if images % recipe.batch.per_worker_batch:
+        raise UserError(f"--recompute-bn {images} is not a whole number of workers of "
+                        f"{recipe.batch.per_worker_batch} images (batch.per_worker_batch): give a multiple of it")
+    return BatchPlan.create(images, recipe.batch.per_worker_batch, max_micro_batch=max_micro_batch(device.type))
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -205,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (final.pt or step-*.pt)")
     p.add_argument("--data", help="folder with the data set (default: the recipe's)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the recipe's")
+    p.add_argument("--recompute-bn", type=int, nargs="?", const=0, metavar="IMAGES",
+                   help="also evaluate with BN statistics recomputed from IMAGES training images (default: the "
+                        "recipe's global batch) in the recipe's worker groups, as last-batch BN stores them: "
+                        "tells the weights from the stored statistics")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("recipes", help="list the built-in recipes")

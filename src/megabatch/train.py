@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megabatch import checkpoint
-from megabatch.batching import epoch_order
+from megabatch.batching import BatchPlan, epoch_order
 from megabatch.data.source import Batch, Source
 from megabatch.distributed import DistInfo, accumulation, all_reduce_mean, all_reduce_sum, round_gradients
 from megabatch.errors import CheckpointWriteError, Diverged, Preempted
-from megabatch.nn import average_bn_stats, step_statistics
+from megabatch.nn import average_bn_stats, batch_norm_layers, step_statistics
 from megabatch.noise import sq_norm
 from megabatch.plots import plot_curves
 from megabatch.run import Run
@@ -190,6 +190,32 @@ def evaluate(model: nn.Module, data: Source, device: torch.device, dist: DistInf
                              hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
     loss, top1, top5 = all_reduce_sum(sums, dist).tolist()
     return {f"{name}_loss": loss / n, f"{name}_top1": 100.0 * top1 / n, f"{name}_top5": 100.0 * top5 / n}
+
+
+@torch.no_grad()
+def recompute_bn_statistics(model: nn.Module, data: Source, plan: BatchPlan, seed: int, augment: bool,
+                            device: torch.device, layout: torch.memory_format = torch.contiguous_format,
+                            autocast_dtype: torch.dtype | None = None) -> None:
+    """Replace every BN layer's stored statistics by those of one global batch of training
+    images, ``plan``'s (the first step of epoch 0 of ``seed``, augmented as in training),
+    each worker's group normalized on its own and the groups averaged: what last-batch BN
+    stores after a step with these weights. The weights are untouched; each layer keeps its
+    momentum. Separates what the weights learned from what the stored statistics say."""
+    layers = batch_norm_layers(model)
+    momenta = [m.momentum for m in layers]
+    step = next(plan.epoch(epoch_order(seed, 0, len(data)), 0))
+    model.train()
+    try:
+        for m in layers:
+            m.momentum = 1.0  # step_statistics then stores this step's average alone
+        with step_statistics(model):
+            for x, _ in next(data.training_batches([step], seed, augment, device)):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    model(x.contiguous(memory_format=layout))
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.eval()
 
 
 def save_checkpoint(run: Run, epochs_done: int) -> None:
