@@ -10,7 +10,7 @@ import pytest
 from megabatch.cli import main
 from megabatch.errors import UserError
 from megabatch.study import load_spec
-from megabatch.study.report import largest_keeping_up
+from megabatch.study.report import largest_keeping_up, loss_spikes
 
 TINY = """
 description = "tiny"
@@ -49,6 +49,19 @@ def test_tiny_study_end_to_end_and_resumable(tmp_path, capsys, fashion_dir):
     for name in ("accuracy_vs_batch.png", "curves_largest_batch.png", "ablations.png"):
         assert (out / name).stat().st_size > 1000
     assert json.loads((out / "study.json").read_text())["runs"] == 5
+    assert "| run | final training loss | final test top-1 | loss spikes at epochs |" in report
+    assert "| paper-moving-average-bn s0 | " in report  # the largest batch's runs, ablations included
+
+    # A result written before results held the training loss reads it from the run's metrics.
+    done = out / "runs" / "linear" / "b512-s0"
+    result = json.loads((done / "result.json").read_text())
+    last_loss = json.loads((done / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
+    assert result["loss_curve"] == [last_loss]
+    del result["loss_curve"]
+    (done / "result.json").write_text(json.dumps(result))
+    assert main(["study", "--spec", str(spec), "--out", str(out), "--report"]) == 0
+    row = next(r for r in csv.DictReader((out / "results.csv").open()) if r["method"] == "linear" and r["batch"] == "512")
+    assert float(row["final_train_loss"]) == round(last_loss, 4) and row["loss_spikes"] == "0"
 
     # An interrupted study continues: only the unfinished run is trained again.
     (out / "runs" / "paper" / "b256-s0" / "result.json").unlink()
@@ -141,6 +154,11 @@ def test_paper_budget_spec_grid():
     from megabatch import recipe as recipes
     lars = recipes.load("fashion-mnist-lars", list(spec.overrides(next(r for r in spec.runs() if r.method.name == "lars"))))
     assert lars.optimizer.trust_norm == "gradient_plus_decay" and lars.base_lr == pytest.approx(29.0 * 2048 / 32768)
+
+
+def test_loss_spikes_are_epochs_whose_loss_rose_more_than_thirty_percent():
+    assert loss_spikes([2.0, 1.0, 1.3, 1.31, 0.5, 0.66, None, 5.0]) == [6]  # 1.3 is not above 1.3 x 1.0
+    assert loss_spikes([1.0, 1.31, 2.0]) == [2, 3] and loss_spikes([]) == [] and loss_spikes([0.4]) == []
 
 
 def test_first_seeds_run_first():

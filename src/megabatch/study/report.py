@@ -12,15 +12,29 @@ from typing import Any, Sequence
 from megabatch.study.spec import StudySpec
 
 COLUMNS = ["method", "recipe", "batch", "workers", "seed", "lr_factor", "epochs", "steps", "final_top1", "best_top1",
-           "diverged", "wall_time_s", "images_per_s", "final_val_top1"]
+           "diverged", "wall_time_s", "images_per_s", "final_val_top1", "final_train_loss", "loss_spikes"]
 TOLERANCE = 1.0  # points of top-1 below the small-batch baseline that still count as "keeps up"
+SPIKE = 1.3  # an epoch whose mean training loss is 30% above the epoch before's is a loss spike
 
 
 def write_csv(results: Sequence[dict[str, Any]], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({**r, "lr_factor": factor_of(r)} for r in results)
+        writer.writerows({**r, "lr_factor": factor_of(r), "final_train_loss": final_loss(r),
+                          "loss_spikes": len(loss_spikes(r.get("loss_curve", [])))} for r in results)
+
+
+def loss_spikes(curve: Sequence[float | None]) -> list[int]:
+    """The epochs (from 1) whose mean training loss rose more than SPIKE-fold over the epoch
+    before: where a large learning rate threw the run back."""
+    return [e + 2 for e, (a, b) in enumerate(zip(curve, curve[1:]))
+            if a is not None and b is not None and b > SPIKE * a]
+
+
+def final_loss(row: dict[str, Any]) -> float | None:
+    curve = row.get("loss_curve") or [None]
+    return None if curve[-1] is None else round(curve[-1], 4)
 
 
 def cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, int], list[float]]:
@@ -125,6 +139,26 @@ def keeping_up_line(best: int | None, pending: int | None) -> str:
     return (f"at least {best:,}" if best else "not known yet") + f" ({pending:,} not finished)"
 
 
+def stability_lines(spec: StudySpec, results: Sequence[dict[str, Any]]) -> list[str]:
+    """Every finished run at the largest batch: its final training loss, test top-1 and loss
+    spikes, which tell a run that trained badly from one that generalized badly."""
+    largest = max(spec.batches)
+    runs = [r for r in results if r["batch"] == largest and r.get("loss_curve")]
+    if not runs:
+        return []
+    lines = ["", f"Training at {largest:,}: each run's final training loss (the last epoch's mean) and the epochs "
+                 f"whose mean training loss rose more than {SPIKE:g}-fold over the epoch before (loss spikes).", "",
+             "| run | final training loss | final test top-1 | loss spikes at epochs |", "| --- | --- | --- | --- |"]
+    order = {m.name: i for i, m in enumerate(spec.methods)}
+    for r in sorted(runs, key=lambda r: (order.get(r["method"], len(order)), factor_of(r), r["seed"])):
+        loss, spikes = final_loss(r), loss_spikes(r["loss_curve"])
+        name = f"{r['method']} s{r['seed']}" + (f" lr x{factor_of(r):g}" if factor_of(r) != 1.0 else "")
+        top1 = "diverged" if r.get("diverged") else f"{r['final_top1']:.2f}"
+        lines.append(f"| {name} | {'n/a' if loss is None else f'{loss:.3f}'} | {top1} | "
+                     f"{', '.join(map(str, spikes)) or 'none'} |")
+    return lines
+
+
 def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Path, note: str = "") -> None:
     every, (results, chosen) = results, tuned(spec, results)
     table = cells(results)
@@ -174,6 +208,7 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
                 lines.append(f"- {name}: {keeping_up_line(best, pending)}")
     if spec.tuning:
         lines += tuning_lines(spec, every, chosen)
+    lines += stability_lines(spec, every)
     lines += ["", "Per run: `results.csv`; plots: `accuracy_vs_batch.png`, `curves_largest_batch.png`, "
               "`ablations.png`.", ""]
     path.write_text("\n".join(lines))

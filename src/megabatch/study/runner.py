@@ -37,13 +37,22 @@ def run_dir(out: Path, run: Run) -> Path:
 
 def read_result(out: Path, run: Run) -> dict[str, Any] | None:
     path = run_dir(out, run) / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if "loss_curve" not in result:  # written before results held it: from the run's own metrics
+        result["loss_curve"] = [m.get("train_loss") for m in read_metrics(run_dir(out, run))]
+    return result
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def summarize(run: Run, folder: Path, diverged: bool, wall_time_s: float) -> dict[str, Any]:
     """One row of results.csv, from the run's metrics.jsonl and run.json."""
-    metrics = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()] \
-        if (folder / "metrics.jsonl").is_file() else []
+    metrics = read_metrics(folder)
     info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
     tested = [m["test_top1"] for m in metrics if "test_top1" in m]
     validated = [m["val_top1"] for m in metrics if "val_top1" in m]
@@ -62,6 +71,7 @@ def summarize(run: Run, folder: Path, diverged: bool, wall_time_s: float) -> dic
                                                    if metrics else wall_time_s, 1),
         "images_per_s": round(steps * run.batch / trained_s, 1) if trained_s else 0.0,
         "curve": [m.get("test_top1") for m in metrics],
+        "loss_curve": [m.get("train_loss") for m in metrics],  # each epoch's mean training loss
     }
 
 
