@@ -253,6 +253,57 @@ def test_sigterm_stops_the_study_and_the_same_command_continues_it(tmp_path, fas
     assert "resum" in (out / "runs" / "linear" / "b256-s0.log").read_text().lower()
 
 
+FAKE_TRAINER = """
+import signal, sys, time
+from pathlib import Path
+log = Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda n, f: log.write_text(log.read_text() + "TERM\\n"))
+log.write_text("ready\\n")
+while "TERM" not in log.read_text():
+    time.sleep(0.01)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as the trainer does once it has checkpointed
+time.sleep(1.0)  # on its way out
+sys.exit(75)
+"""
+
+
+def test_a_stopped_study_signals_each_run_once(tmp_path):
+    """Every finished run calls stop() again; a second SIGTERM would kill a trainer that
+    has already checkpointed and restored the default handler (exit -15: "failed")."""
+    import sys
+    import threading
+    import time
+
+    from megabatch.study.runner import Runs
+
+    runs, codes, logs = Runs(), {}, [tmp_path / f"run{i}.log" for i in range(2)]
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_TRAINER)
+
+    def start(log):
+        with open(tmp_path / f"{log.stem}.out", "w") as out:
+            codes[log.name] = runs.run([sys.executable, str(script), str(log)], out, {})
+
+    threads = [threading.Thread(target=start, args=(log,)) for log in logs]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while not all(log.is_file() and log.read_text() for log in logs):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    runs.stop()  # the study's SIGTERM
+    while not all("TERM" in log.read_text() for log in logs):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)
+    runs.stop()  # what the first run to return does
+    for t in threads:
+        t.join(timeout=60)
+    assert codes == {"run0.log": 75, "run1.log": 75}
+    assert [log.read_text().count("TERM") for log in logs] == [1, 1]
+    assert runs.run([sys.executable, "-c", "pass"], None, {}) is None  # nothing starts once stopped
+
+
 def test_a_study_of_some_methods_reports_the_whole_grid(tmp_path, fashion_dir):
     """--methods runs some of the grid's own runs: the report and study.json stay the whole
     grid's (the other cells "missing", no "Reduced grid"), and this invocation is recorded."""

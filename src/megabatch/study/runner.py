@@ -105,11 +105,14 @@ def resumable(folder: Path) -> bool:
 
 class Runs:
     """The ``megabatch train`` processes of a study: started one by one until
-    :meth:`stop`, which also sends SIGTERM to every one still running."""
+    :meth:`stop`, which also sends SIGTERM to every one still running, once: a second
+    SIGTERM would find a trainer that had already checkpointed and restored the default
+    handler, and kill it on its way out."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running: set[subprocess.Popen] = set()
+        self._signalled: set[subprocess.Popen] = set()
         self.stopped = False
 
     def run(self, cmd: list[str], log, env: dict[str, str]) -> int | None:
@@ -124,12 +127,14 @@ class Runs:
         finally:
             with self._lock:
                 self._running.discard(proc)
+                self._signalled.discard(proc)
 
     def stop(self) -> None:
         with self._lock:
             self.stopped = True
-            for proc in self._running:
+            for proc in self._running - self._signalled:
                 proc.send_signal(signal.SIGTERM)
+                self._signalled.add(proc)
 
 
 def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads: int,
@@ -157,7 +162,8 @@ def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads:
     start = time.perf_counter()
     with open(log, "a") as f:  # streamed, so a long run's progress can be followed
         returncode = runs.run(cmd, f, env)
-    if returncode is None or returncode == Preempted.exit_code:
+    # Stopped: it checkpointed and exited 75, or our SIGTERM came before its handler was set.
+    if returncode is None or returncode == Preempted.exit_code or (runs.stopped and returncode == -signal.SIGTERM):
         return None
     text = log.read_text()
     # Exit 1 is also Python's status for a crash: only the trainer's own line says "diverged".
