@@ -55,6 +55,8 @@ ROWS = [
     (["eval", "--checkpoint", "{truncated_checkpoint}"], 2, "truncated or corrupt"),
     (["eval", "--checkpoint", "{good_checkpoint}", "--recompute-bn", "48"], 2,
      "--recompute-bn 48 is not a whole number of workers of 32 images"),
+    (["eval", "--checkpoint", "{good_checkpoint}", "--recompute-bn", "-64"], 2,
+     "--recompute-bn -64: give a number of training images"),
     (["eval", "--checkpoint", "{good_checkpoint}", "--recompute-bn", "60032"], 2,
      "the recipe has 60000 training images; ask for fewer"),
     # commands

@@ -39,7 +39,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device or saved.train.device)
     recipe = resolve_recipe(saved, device)
     train, test = load_datasets(recipe.data, args.data, device.type)
-    train, _ = hold_out(train, recipe.data.validation_images)
     model = build_model(recipe, test.channels, len(test.classes), device)
     model.load_state_dict(state["model"])
     layout, dtype = memory_format(recipe.train.memory_format), AUTOCAST_DTYPES[recipe.train.precision]
@@ -53,6 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.checkpoint}: {recipe.name} after {state['iteration']} steps, {len(test)} test images")
     report("stored BN statistics")
     if args.recompute_bn is not None:
+        train, _ = hold_out(train, recipe.data.validation_images)  # the images the run trained on
         plan = bn_plan(args.recompute_bn, recipe, train, device)
         recompute_bn_statistics(model, train, plan, recipe.train.seed, recipe.data.augment, device, layout, dtype)
         report(f"BN statistics of {plan.global_batch} training images ({plan.workers} workers x "
@@ -67,6 +67,8 @@ def bn_plan(images: int, recipe, train, device) -> BatchPlan:
     from megabatch.batching import BatchPlan, max_micro_batch
 
     images = images or recipe.batch.global_batch
+    if images < 0:
+        raise UserError(f"--recompute-bn {images}: give a number of training images, e.g. {recipe.batch.global_batch}")
     if images > len(train):
         raise UserError(f"--recompute-bn {images}: the recipe has {len(train)} training images; ask for fewer")
     if images % recipe.batch.per_worker_batch:
