@@ -28,7 +28,7 @@ from megabatch.batching import BatchPlan, epoch_order
 from megabatch.data.source import Batch, Source
 from megabatch.distributed import DistInfo, accumulation, all_reduce_mean, all_reduce_sum, round_gradients
 from megabatch.errors import CheckpointWriteError, Diverged, Preempted
-from megabatch.nn import average_bn_stats, batch_norm_layers, step_statistics
+from megabatch.nn import average_bn_stats, batch_norm_layers, step_statistics, use_last_batch_stats
 from megabatch.noise import sq_norm
 from megabatch.plots import plot_curves
 from megabatch.run import Run
@@ -206,8 +206,7 @@ def recompute_bn_statistics(model: nn.Module, data: Source, plan: BatchPlan, see
     step = next(plan.epoch(epoch_order(seed, 0, len(data)), 0))
     model.train()
     try:
-        for m in layers:
-            m.momentum = 1.0  # step_statistics then stores this step's average alone
+        use_last_batch_stats(model)  # momentum 1: step_statistics then stores this step's average alone
         with step_statistics(model):
             for x, _ in next(data.training_batches([step], seed, augment, device)):
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
