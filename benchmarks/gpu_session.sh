@@ -1,115 +1,193 @@
 #!/usr/bin/env bash
-# Everything the open GPU work asks of a CUDA machine, in three calls of at most 10 minutes.
+# Everything the open GPU work asks of a CUDA machine. A lease is short (15 minutes of
+# device time, each start included), so `all` does it in one call of under 10 minutes:
 #
-#   bash benchmarks/gpu_session.sh bench    # `megabatch bench` on the GPU (issue 4's figures)
-#   bash benchmarks/gpu_session.sh checks   # each CUDA path once: nvJPEG decode, bf16/fp16, compile, NCCL
+#   bash benchmarks/gpu_session.sh all      # bench alone, then checks + tests + study side by side
+#   bash benchmarks/gpu_session.sh bench    # `megabatch bench`: ResNet-50 at 224 px, batch 256
+#   bash benchmarks/gpu_session.sh checks   # each CUDA path once: nvJPEG on odd files, bf16/fp16,
+#                                           # compile, a GPU checkpoint evaluated on the CPU, NCCL
 #   bash benchmarks/gpu_session.sh tests    # the test suite with a GPU visible
 #   bash benchmarks/gpu_session.sh study    # the 90-epoch study on the GPU, several runs at once
-#       (STUDY_SPEC=fashion-mnist-paper-budget-tuned for the tuned extension; PARALLEL=8)
+#       STUDY_SPEC (default fashion-mnist-paper-budget-tuned), STUDY_METHODS (default: all),
+#       PARALLEL (8), STUDY_SECONDS (how long before it stops and checkpoints)
 #
 # A study stops cleanly at its time limit (the runs checkpoint) and continues on the next
-# call: it works in $OUT/<folder>, starting from benchmarks/results/<folder> if the
-# checkout has it. Copy $OUT/<folder> back there (checkpoints included: carry that folder
-# on the next call, since git ignores checkpoints) and call again until it says it finished.
+# call from benchmarks/results/<folder> (carry that folder: git ignores checkpoints).
+# What comes back: $OUT/results/*.json (the bench, unchanged), $OUT/logs.tar.gz (every
+# log), $OUT/study.tar.gz (the study folder, checkpoints only of unfinished runs); unpack
+# the study into benchmarks/results/ and commit it.
 #
 # It runs megabatch from source (PYTHONPATH=src) with whatever torch the machine has
-# (torch 2.11 on the lent H100/H200) and installs nothing. Results and logs go to
-# $OUT (the device tool's output folder) or ./gpu-session-out.
-#
-# On a lent machine (see .library/device/README.md), Fashion-MNIST travels beside the
-# repository; here, once:
+# (torch 2.11 on the lent H100/H200) and installs nothing. The copy there has no .git:
+# give the commit as MEGABATCH_GIT_COMMIT=$(git rev-parse HEAD) for the results' provenance. On a lent machine (see
+# .library/device/README.md), Fashion-MNIST travels beside the repository; here, once:
 #   mkdir -p .carry && cp -r /usr/share/datasets/fashion-mnist .carry/ && echo /.carry/ >> .git/info/exclude
-# then run each part with carry [".carry"]. Copy $OUT/results/*.json into
-# benchmarks/results/ unchanged and commit it.
+# then run with carry [".carry"].
 #
 # On a machine without a GPU the same commands run on the CPU, which is how this
-# script itself is checked (`bash benchmarks/gpu_session.sh checks --quick`).
+# script itself is checked (`bash benchmarks/gpu_session.sh all --quick`).
 set -uo pipefail
 part=${1:-}
 quick=${2:-}
 out=${OUT:-gpu-session-out}
-mkdir -p "$out"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+mkdir -p "$out/logs"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-fashion=.carry/fashion-mnist
+fashion=$PWD/.carry/fashion-mnist
 [ -d "$fashion" ] || fashion=/usr/share/datasets/fashion-mnist
-failed=()
+# The tests read Fashion-MNIST where the Debian package puts it.
+if [ ! -e /usr/share/datasets/fashion-mnist ] && [ -w /usr/share ] && [ -d "$fashion" ]; then
+  mkdir -p /usr/share/datasets && ln -s "$fashion" /usr/share/datasets/fashion-mnist
+fi
+spec=${STUDY_SPEC:-fashion-mnist-paper-budget-tuned}
+folder=study-$spec-gpu${quick:+-quick}
 
 say() { printf '\n=== %s\n' "$*"; }
-# run NAME SECONDS COMMAND...: time-limited, logged to $out/NAME.log, failure remembered
+# run NAME SECONDS COMMAND...: time-limited, logged to $out/logs/NAME.log; its status to NAME.rc
 run() {
   local name=$1 limit=$2; shift 2
-  say "$name: $*"
   local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
-  local rc=${PIPESTATUS[0]}
+  if [ -n "${DEADLINE:-}" ]; then  # `all`: nothing runs past the call's deadline
+    local remaining=$((DEADLINE - $(date +%s)))
+    [ "$limit" -gt "$remaining" ] && limit=$remaining
+    if [ "$limit" -lt 10 ]; then
+      echo "124 0" >"$out/logs/$name.rc"; echo "--- $name: skipped, the deadline has come"; return 124
+    fi
+  fi
+  echo "$ $*" >"$out/logs/$name.log"
+  timeout --kill-after=20 "$limit" "$@" >>"$out/logs/$name.log" 2>&1
+  local rc=$?
+  echo "$rc $((SECONDS - start))" >"$out/logs/$name.rc"
   echo "--- $name: exit $rc after $((SECONDS - start)) s"
-  if [ "$rc" = 75 ]; then echo "--- $name: stopped at its time limit; the same call continues it"
-  elif [ "$rc" != 0 ]; then failed+=("$name (exit $rc)"); fi
+  return $rc
 }
 
-say "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-"$py" -c "import sys, torch, torchvision; print('python', sys.version.split()[0], '| torch', torch.__version__,
-'| torchvision', torchvision.__version__, '| cuda', torch.version.cuda, '| gpu',
-torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
-nproc
+machine() {
+  say "machine"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+  "$py" -c "import sys, torch, torchvision; print('python', sys.version.split()[0], '| torch', torch.__version__,
+'| torchvision', torchvision.__version__, '| cuda', torch.version.cuda, '| cudnn', torch.backends.cudnn.version(),
+'| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+  echo "cpus $(nproc)"
+}
 
-case $part in
-bench)
-  # Defaults on a GPU: 224 px, batch 256, 20 steps x 5 repeats, torch.compile of the fastest.
-  run bench 560 "$py" -m megabatch bench --out "$out/results" ${quick:+--quick}
-  ;;
-checks)
+bench() {
+  if [ -n "$quick" ]; then
+    run bench 300 "$py" -m megabatch bench --quick --profile --out "$out/results"
+  else
+    # 224 px, batch 256 (the GPU defaults); the paper-recipe step beside the plain loop at
+    # each precision in channels-last, then compiled at the fastest; 10 steps x 3 repeats.
+    run bench "${BENCH_SECONDS:-330}" "$py" -m megabatch bench --out "$out/results" --steps 10 --repeats 3 \
+        --precisions "${BENCH_PRECISIONS:-bf16,fp16}" --memory-formats channels_last
+  fi
+}
+
+checks() {
   if [ -n "$quick" ]; then size=32; steps=2; else size=128; steps=20; fi
-  tiny=$out/tiny-imagenet
-  # resnet50 NAME SECONDS --set ...: the paper's recipe for a few steps on the generated folder
-  resnet50() {
+  local tiny=$out/tiny-imagenet runs=$out/runs
+  resnet50() {  # NAME SECONDS --set ...: the paper's recipe for a few steps on the generated folder
     local name=$1 limit=$2; shift 2
     run "$name" "$limit" "$py" -m megabatch train --recipe paper-resnet50-imagenet-32k --data "$tiny" \
-        --out "$out/runs/$name" --set data.image_size=$size --set data.resize_size=$((size * 8 / 7)) \
+        --out "$runs/$name" --set data.image_size=$size --set data.resize_size=$((size * 8 / 7)) \
         --set batch.global_batch=128 --set batch.per_worker_batch=32 --set train.max_steps=$steps \
-        --set train.epochs=1 "$@"
+        --set train.epochs=1 --set data.workers=4 "$@"
   }
+  # Real JPEGs plus what ImageNet copies hold: CMYK, greyscale, PNG named .JPEG, tiny,
+  # large, truncated and empty files (the last two are counted and replaced).
   run tiny-imagenet 60 "$py" scripts/make_tiny_imagenet.py "$tiny" --classes 10 --train-per-class 64 \
-      --val-per-class 16 --size $((size * 5 / 4)) --fashion-dir "$fashion"
-  # ResNet-50, the paper's recipe, JPEGs decoded in batches on the device (nvJPEG on CUDA),
-  # bf16 autocast, channels-last (the "auto" memory format on CUDA); then eval of the checkpoint.
-  for decoder in device pil; do
-    resnet50 "resnet50-$decoder" 150 --set data.decoder=$decoder --set train.precision=bf16
-  done
-  resnet50 resnet50-fp16 240 --set train.precision=fp16 --set train.compile=true
-  run eval 60 "$py" -m megabatch eval --checkpoint "$out/runs/resnet50-fp16/final.pt" --data "$tiny"
-  # One process under torchrun: the NCCL process group (gloo without a GPU), DDP and its fp16 hook.
-  run torchrun-1 120 "$py" -m torch.distributed.run --nproc-per-node=1 -m megabatch train \
-      --recipe fashion-mnist-demo --data "$fashion" --out "$out/runs/torchrun-1" \
+      --val-per-class 16 --size $((size * 5 / 4)) --fashion-dir "$fashion" --odd-files
+  # ResNet-50, the paper's recipe, bf16, channels-last by default ("auto"); JPEGs decoded
+  # in batches on the GPU (nvJPEG); its checkpoint, written on the GPU, evaluated on the CPU.
+  resnet50 resnet50-device 150 --set data.decoder=device --set train.precision=bf16
+  run eval-on-cpu 120 "$py" -m megabatch eval --checkpoint "$runs/resnet50-device/final.pt" \
+      --data "$tiny" --device cpu
+  # The same with PIL decoding in the loader's workers.
+  resnet50 resnet50-pil 150 --set data.decoder=pil --set train.precision=bf16
+  # One process under torchrun: the NCCL process group, DDP and its fp16 compression hook.
+  run torchrun-nccl 150 "$py" -m torch.distributed.run --standalone --nproc-per-node=1 -m megabatch train \
+      --recipe fashion-mnist-demo --data "$fashion" --out "$runs/torchrun-nccl" \
       --set train.max_steps=$((steps * 5)) --set train.epochs=1
-  ;;
-study)
-  spec=${STUDY_SPEC:-fashion-mnist-paper-budget}
-  folder=study-$spec-gpu
-  [ -n "$quick" ] && folder=$folder-quick
+  # fp16 with the GradScaler, compiled (minutes of compilation: last).
+  resnet50 resnet50-fp16-compiled 300 --set data.decoder=device --set train.precision=fp16 --set train.compile=true
+}
+
+tests() {
+  local selection=(tests)
+  [ -n "$quick" ] && selection=(tests/data/test_imagenet.py tests/test_nn.py)
+  local workers=()
+  "$py" -c "import xdist" 2>/dev/null && workers+=(-n "${TEST_WORKERS:-6}")
+  "$py" -c "import pytest_timeout" 2>/dev/null && workers+=(--timeout=240)
+  run tests "${TEST_SECONDS:-300}" "$py" -m pytest -q -rf -p no:cacheprovider "${workers[@]}" "${selection[@]}"
+}
+
+study() {
+  local seconds=${1:-${STUDY_SECONDS:-560}}
   mkdir -p "$out/$folder"
   [ -d "benchmarks/results/$folder" ] && cp -r "benchmarks/results/$folder/." "$out/$folder/"
-  if [ -n "$quick" ]; then
-    tiny=(--epochs 1 --seeds 0 --set data.train_subset=9216 --set data.validation_images=1024
-          --set data.test_subset=500 --set train.max_steps=2)
-  else
-    tiny=()
-  fi
+  local reduced=()
+  [ -n "${STUDY_METHODS:-}" ] && reduced+=(--methods "$STUDY_METHODS")
+  [ -n "$quick" ] && reduced+=(--epochs 1 --set data.train_subset=9216 --set data.validation_images=1024
+                               --set data.test_subset=500 --set train.max_steps=2)
   # --preserve-status: at the limit timeout's SIGTERM makes the study checkpoint and exit 75.
-  run "$folder" 570 timeout --preserve-status 560 "$py" -m megabatch study --spec "$spec" \
-      --parallel "${PARALLEL:-8}" --data "$fashion" --out "$out/$folder" "${tiny[@]}"
-  ;;
-tests)
-  if [ -n "$quick" ]; then tests=(tests/data/test_imagenet.py); else tests=(tests); fi
-  run tests 570 "$py" -m pytest -q -p no:cacheprovider "${tests[@]}"
+  run study $((seconds + 60)) timeout --preserve-status "$seconds" "$py" -m megabatch study --spec "$spec" \
+      --parallel "${PARALLEL:-8}" --data "$fashion" --out "$out/$folder" "${reduced[@]}"
+}
+
+pack() {
+  say "packing"
+  if [ -d "$out/$folder" ]; then
+    # Finished runs need no checkpoint; unfinished ones keep theirs, to resume.
+    (cd "$out" && find "$folder/runs" -name result.json 2>/dev/null | while read -r done; do
+       rm -rf "$(dirname "$done")/checkpoints" "$(dirname "$done")/final.pt"; done
+     tar czf study.tar.gz "$folder" && rm -rf "$folder" && ls -la study.tar.gz)
+  fi
+  rm -rf "$out/tiny-imagenet" "$out/runs"
+  (cd "$out" && tar czf logs.tar.gz logs && rm -rf logs && ls -la logs.tar.gz)
+}
+
+summary() {
+  say "bench"
+  sed -n '/^megabatch bench/,$p' "$out/logs/bench.log" 2>/dev/null | grep -v "^  *[0-9.]*%  " | tail -60
+  for name in tiny-imagenet resnet50-device eval-on-cpu resnet50-pil torchrun-nccl resnet50-fp16-compiled; do
+    [ -f "$out/logs/$name.log" ] || continue
+    say "$name (exit $(cut -d' ' -f1 "$out/logs/$name.rc" 2>/dev/null))"
+    grep -E "unreadable|final:|top-1|error|Error|channels-last|compute" "$out/logs/$name.log" | tail -6
+  done
+  [ -f "$out/logs/tests.log" ] && { say "tests"; grep -E "FAILED|ERROR|passed|failed" "$out/logs/tests.log" | tail -40; }
+  [ -f "$out/logs/study.log" ] && { say "study"; tail -30 "$out/logs/study.log"; }
+  say "status"
+  local bad=0
+  for rc in "$out"/logs/*.rc; do
+    read -r code secs <"$rc"
+    printf '%-26s exit %-4s %5s s\n' "$(basename "$rc" .rc)" "$code" "$secs"
+    [ "$code" = 0 ] || [ "$code" = 75 ] || bad=1
+  done
+  return $bad
+}
+
+start=$SECONDS
+machine
+case $part in
+bench) bench ;;
+checks) checks ;;
+tests) tests ;;
+study) study ;;
+all)
+  # The bench alone on the GPU (its figures), then the rest side by side until the
+  # deadline, BUDGET seconds after the start less half a minute for the summary and packing.
+  export DEADLINE=$(( $(date +%s) + ${BUDGET:-570} - 30 ))
+  bench
+  checks &
+  tests &
+  study "$(( DEADLINE - $(date +%s) - 15 ))" &
+  wait
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh bench|checks|tests|study [--quick]" >&2
+  echo "usage: bash benchmarks/gpu_session.sh all|bench|checks|tests|study [--quick]" >&2
   exit 2
   ;;
 esac
-
-say "summary"
-if [ ${#failed[@]} = 0 ]; then echo "all steps passed"; else printf 'FAILED: %s\n' "${failed[@]}"; exit 1; fi
+summary
+status=$?
+pack
+exit $status

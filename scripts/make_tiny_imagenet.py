@@ -1,7 +1,7 @@
 """Write a small ImageNet-layout folder of JPEG files made from Fashion-MNIST.
 
     PYTHONPATH=src python scripts/make_tiny_imagenet.py OUT [--classes N] [--train-per-class N]
-        [--val-per-class N] [--size N] [--seed N] [--fashion-dir DIR]
+        [--val-per-class N] [--size N] [--seed N] [--fashion-dir DIR] [--odd-files]
 
 See megabatch.data.tiny_imagenet for what the images are.
 """
@@ -26,17 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="default 0")
     parser.add_argument("--fashion-dir", type=Path, default=None,
                         help=f"Fashion-MNIST idx files (default {fashion_mnist.DEFAULT_DIR})")
+    parser.add_argument("--odd-files", action="store_true",
+                        help="also a CMYK, a greyscale, a PNG-named-.JPEG, a tiny and a large image, a "
+                             "truncated and an empty file in the first training class")
     args = parser.parse_args(argv)
     try:
         out = tiny_imagenet.write(args.out, args.classes, args.train_per_class, args.val_per_class,
                                   args.size, args.seed, args.fashion_dir)
+        odd = tiny_imagenet.add_odd_files(out, args.seed) if args.odd_files else {}
     except (ValueError, UserError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    jpegs = list(out.rglob("*.JPEG"))
+    jpegs = [p for p in out.rglob("*.JPEG") if p not in odd.values()]
     n_train = sum(1 for p in jpegs if p.parts[-3] == "train")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out}: {args.classes} classes, {n_train} train + {len(jpegs) - n_train} val "
-          f"JPEGs, {total} bytes")
+          f"JPEGs, {total} bytes" + (f", and {len(odd)} odd files ({', '.join(odd)})" if odd else ""))
     return 0
 
 

@@ -61,20 +61,22 @@ def test_quick_run_writes_one_json_with_every_measurement(quick):
     assert re.fullmatch(r"cpu-[a-z0-9-]+-\d{4}-\d{2}-\d{2}\.json", path.name)
     result = json.loads(path.read_text())
     for key in ("device", "torch", "torchvision", "git_commit", "command", "note", "settings", "train_step",
-                "ghost_bn", "input_pipeline", "end_to_end", "mfu"):
+                "ghost_bn", "input_pipeline", "end_to_end", "end_to_end_by_decoder", "mfu"):
         assert key in result, key
+    assert result["complete"] is True
     assert "CPU" in result["note"] and result["device"].startswith("cpu")
     assert result["settings"]["image_size"] == 32 and result["settings"]["batch"] == 8
-    names = [entry["name"] for entry in result["train_step"]]
-    assert names == ["megabatch fp32 contiguous eager", bench.BASELINE]
-    for entry in result["train_step"]:
+    [megabatch] = result["train_step"]  # --quick: fp32 contiguous eager only
+    assert megabatch["name"] == "megabatch fp32 contiguous eager"
+    assert (megabatch["precision"], megabatch["memory_format"], megabatch["compile"]) == ("fp32", "contiguous", False)
+    # Its plain twin ran at the same settings, and the ratio is theirs.
+    plain = megabatch["plain"]
+    assert plain["name"] == "plain PyTorch fp32 contiguous eager"
+    for entry in (megabatch, plain):
         low, high = entry["spread"]
-        assert positive(entry["images_per_s"]) and low <= entry["images_per_s"] <= high
-        assert positive(entry["ratio_to_baseline"]) and positive(entry["mfu"]) and entry["batch_size"] == 8
-    megabatch, baseline = result["train_step"]
-    assert baseline["ratio_to_baseline"] == 1.0
-    assert megabatch["ratio_to_baseline"] == pytest.approx(megabatch["images_per_s"] / baseline["images_per_s"])
-    assert megabatch["per_worker_batch"] == 4  # two emulated workers: ghost BN is really on
+        assert positive(entry["images_per_s"]) and low <= entry["images_per_s"] <= high and positive(entry["mfu"])
+    assert megabatch["ratio_to_plain"] == pytest.approx(megabatch["images_per_s"] / plain["images_per_s"])
+    assert megabatch["batch_size"] == 8 and megabatch["per_worker_batch"] == 4  # two workers: ghost BN is on
     ghost = result["ghost_bn"]
     assert ghost["per_worker_batch"] == 4 and positive(ghost["plain_images_per_s"])
     assert ghost["ratio"] == pytest.approx(ghost["ghost_images_per_s"] / ghost["plain_images_per_s"])
@@ -82,17 +84,24 @@ def test_quick_run_writes_one_json_with_every_measurement(quick):
     assert decoders == {"pil", "device"}
     assert all(positive(entry["images_per_s"]) for entry in result["input_pipeline"])
     assert any("CPU decoding" in entry["name"] for entry in result["input_pipeline"])
+    # End to end with the device decoder always, and with the fastest reader; the best is the result's.
+    by_decoder = result["end_to_end_by_decoder"]
+    assert by_decoder[0]["decoder"] == "device" and len(by_decoder) in (1, 2)
     e2e = result["end_to_end"]
+    assert e2e == max(by_decoder, key=lambda entry: entry["images_per_s"])
     assert positive(e2e["images_per_s"]) and positive(e2e["peak_memory_bytes"]) and positive(e2e["mfu"])
+    assert e2e["ratio_to_plain"] == pytest.approx(e2e["images_per_s"] / plain["images_per_s"])
     assert positive(result["mfu"]["matmul_flops"]["fp32"]) and positive(result["mfu"]["best_train_step"]["mfu"])
+    assert "profile" not in result and "profile" not in megabatch  # on a CPU only with --profile
 
 
 def test_quick_run_says_where_the_time_goes(quick):
     path, printed = quick
     result = json.loads(path.read_text())
     summary = result["where_the_time_goes"]
-    fastest = max(result["train_step"][:-1], key=lambda entry: entry["images_per_s"])
+    fastest = max(result["train_step"], key=lambda entry: entry["images_per_s"])
     assert summary["train_step_images_per_s"] == fastest["images_per_s"]
+    assert summary["ratio_to_plain"] == pytest.approx(fastest["ratio_to_plain"])
     assert summary["input_pipeline_images_per_s"] == max(e["images_per_s"] for e in result["input_pipeline"])
     assert summary["end_to_end_images_per_s"] == result["end_to_end"]["images_per_s"]
     assert "where the time goes (ms per 1,000 images)" in printed and "end to end" in printed
@@ -101,12 +110,12 @@ def test_quick_run_says_where_the_time_goes(quick):
 def test_where_the_time_goes_by_hand():
     # Train step 2,000 images/s (0.5 ms each), baseline 1,000, input 1,500, end to end 1,250.
     summary = bench_report.where_the_time_goes(2000.0, 1000.0, 1500.0, 1250.0)
-    assert summary["ratio_to_baseline"] == 2.0 and summary["input_over_train_step"] == 0.75
+    assert summary["ratio_to_plain"] == 2.0 and summary["input_over_train_step"] == 0.75
     assert summary["input_keeps_up"] is False and summary["end_to_end_over_train_step"] == 0.625
     assert summary["ms_per_1000_images"] == {"train_step": 500.0, "input_pipeline": pytest.approx(666.667, abs=1e-3),
                                              "end_to_end": 800.0}
     lines = bench_report.time_lines(summary, "megabatch bf16", "pil decode on CPU, 8 workers")
-    assert "2.00x the baseline" in lines[1]
+    assert "2.00x the plain loop at its settings" in lines[1]
     assert lines[2].endswith("pil decode on CPU, 8 workers: is the limit: it feeds 75% of what the train step takes")
     assert lines[3].endswith("62% of the train step's images/s")
     fed = bench_report.where_the_time_goes(2000.0, 1000.0, 3000.0, 1900.0)
@@ -116,9 +125,9 @@ def test_where_the_time_goes_by_hand():
 
 def test_quick_run_prints_the_table(quick):
     path, printed = quick
-    for column in ("measurement", "images/s", "spread (min-max)", "vs baseline", "MFU"):
+    for column in ("measurement", "images/s", "spread (min-max)", "vs plain", "MFU"):
         assert column in printed
-    assert "note: no GPU" in printed and bench.BASELINE in printed and "ghost BN" in printed
+    assert "note: no GPU" in printed and "plain PyTorch fp32 contiguous eager" in printed and "ghost BN" in printed
     assert printed.rstrip().endswith(f"wrote {path}")
 
 
@@ -212,6 +221,8 @@ def test_interleaved_runs_the_configurations_in_turn():
     (["--batch", "5"], "give an even batch"),
     (["--image-size", "16"], "--image-size must be at least 32"),
     (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--precisions", "fp32,fp8"], "--precisions 'fp32,fp8': give a comma-separated list of fp32, bf16, fp16"),
+    (["--memory-formats", ""], "give a comma-separated list of contiguous, channels_last"),
     (["--data", "/nonexistent"], "--data /nonexistent is not a folder"),
     (["--data", "."], "train is missing"),
     (["--model", "small-cnn", "--image-size", "64"], "--image-size is for --model resnet50"),

@@ -154,6 +154,27 @@ def test_micro_batches_inside_a_step_equal_one_pass(momentum):
     assert one.momentum == split.momentum == momentum
 
 
+@pytest.mark.parametrize("momentum", [1.0, 0.1, None])
+def test_a_layer_without_a_training_pass_in_the_step_is_left_as_it_was(momentum):
+    # Decided on the device (no host read of the counters): statistics and counter unchanged,
+    # also for a layer that only saw an evaluation pass; a trained layer beside it moves on.
+    idle, trained = ghost(momentum), ghost(momentum)
+    with step_statistics(trained):
+        trained(workers_input(2))
+    idle.running_mean.fill_(0.25)
+    idle.num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in idle.state_dict().items()}
+    model = torch.nn.Sequential(idle, trained)
+    with step_statistics(model):
+        idle.eval()
+        idle(workers_input(2))
+        trained(workers_input(2) * 2)
+    for key, value in idle.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert idle.momentum == trained.momentum == momentum
+    assert int(trained.num_batches_tracked) == 2
+
+
 def test_moving_average_is_pytorchs_update_of_the_workers_average():
     x = workers_input(3)
     layer = ghost(0.1)

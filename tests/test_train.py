@@ -4,6 +4,7 @@ only a memory knob, and runs on real data end to end."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -327,3 +328,20 @@ def test_recomputed_bn_statistics_are_the_mean_over_workers_of_one_batch():
     torch.testing.assert_close(bn.running_mean, mean, rtol=0, atol=1e-6)
     torch.testing.assert_close(bn.running_var, var, rtol=0, atol=1e-6)
     assert bn.momentum == 0.1 and not bn.training  # the layer's own setting is kept; ready to evaluate
+
+
+def test_a_copy_outside_git_reports_the_commit_it_was_given(monkeypatch):
+    import subprocess
+
+    from megabatch import provenance
+
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", provenance.git_commit())  # this checkout
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, "git")  # "not a git repository"
+
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
+    monkeypatch.delenv("MEGABATCH_GIT_COMMIT", raising=False)
+    assert provenance.git_commit() == "unknown"
+    monkeypatch.setenv("MEGABATCH_GIT_COMMIT", "0123abcd")
+    assert provenance.git_commit() == "0123abcd"

@@ -6,20 +6,26 @@
 * the train step: megabatch's own :func:`~megabatch.train.train_step` on a Run that
   :func:`~megabatch.build.build_run` builds from the paper's recipe (emulated workers, ghost
   BN, RMSprop warm-up, fp16 gradient rounding), on synthetic images already on the device,
-  for each precision x memory format (x torch.compile of the fastest), beside a plain
-  PyTorch loop (torchvision ResNet-50, fp32, NCHW, eager, nn.BatchNorm2d, SGD): the
-  ratio says what megabatch costs or gains over a user's own loop;
+  for each precision x memory format (x torch.compile of the fastest), each beside a plain
+  PyTorch loop at the same precision, memory format and compile setting (torchvision
+  ResNet-50, nn.BatchNorm2d, momentum SGD, a GradScaler in fp16): the ratio prices
+  megabatch's emulation alone;
 * what emulated workers' BN costs at full batch: groups of 32 against one group;
+* where one step's time goes (``--profile``, the default on a GPU): a ``torch.profiler``
+  summary of the fastest configuration and of its plain twin: device time and kernels per
+  step, host waits for the device, and the operators that take the most time;
 * the input pipeline on a folder of real JPEGs (:mod:`megabatch.bench_input`);
-* end to end from that folder with the fastest setting, peak memory, and the model FLOP
-  utilization against the measured throughput of a large matmul in the same precision;
+* end to end from that folder with the fastest eager setting, with the ``device`` decoder
+  and with the fastest reader, peak memory, and the model FLOP utilization against the
+  measured throughput of a large matmul in the same precision;
 * where the time goes: whether the input pipeline keeps up with the fastest step, and
   what end to end keeps of the step's speed (:mod:`megabatch.bench_report`).
 
 Warm-up steps are not timed; then ``repeats`` timings of ``steps`` steps each give the
-median images/s and the min-max spread. The JSON result, with its provenance, is what
-``megabatch simulate --from-bench`` reads. torch is imported inside the functions, so
-that the command line starts without it.
+median images/s and the min-max spread. The JSON result, with its provenance, is written
+after every part (``"complete": false`` until the end), so a run cut short keeps what it
+measured; it is what ``megabatch simulate --from-bench`` reads. torch is imported inside
+the functions, so that the command line starts without it.
 """
 
 from __future__ import annotations
@@ -31,13 +37,13 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from megabatch import bench_profile
 from megabatch.bench_flags import at_least, wants_gpu
 from megabatch.bench_report import COLUMNS, output_path, row, time_lines, where_the_time_goes
 from megabatch.bench_timing import measure, peak_rss_bytes, release
 from megabatch.errors import UserError
 
 RECIPE = "paper-resnet50-imagenet-32k"
-BASELINE = "baseline torchvision fp32 NCHW eager SGD"
 FLOP_PER_IMAGE_224 = 24.5e9  # ResNet-50: 4.1 GMAC forward = 8.2 GFLOP, backward twice that
 GHOST_GROUP = 32  # the paper's images per worker
 
@@ -62,6 +68,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                                  f"3 on a CPU; small-cnn: {bench_small.REPEATS}, interleaved)")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="resnet50: also measure torch.compile on the fastest eager setting (default: on a GPU)")
+    add("--precisions", metavar="LIST", help="resnet50: comma-separated, of fp32,bf16,fp16 "
+                                             "(default: all three on a GPU, fp32,bf16 on a CPU)")
+    add("--memory-formats", metavar="LIST", help="resnet50: comma-separated, of contiguous,channels_last "
+                                                 "(default: both)")
+    add("--profile", action=argparse.BooleanOptionalAction, default=None,
+        help="resnet50: a torch.profiler summary of the fastest step and its plain twin (default: on a GPU)")
     add("--data", metavar="DIR", help="resnet50: ImageNet-layout folder of JPEGs for the input pipeline "
                                       "(default: a generated one, 10 classes x 64 images of 320x320)")
     add("--out", metavar="DIR", default="benchmarks/results",
@@ -82,6 +94,7 @@ class Settings:
     precisions: tuple[str, ...]
     memory_formats: tuple[str, ...]
     compile: bool
+    profile: bool
     quick: bool
     note: str
 
@@ -124,13 +137,27 @@ def settings(args: argparse.Namespace) -> Settings:
                 f"image size {size} and batch {batch} (224 and 256 on a GPU); not comparable with GPU results")
     if args.quick:
         note += "; --quick: a tiny run for tests, not a measurement"
+    precisions = choices(args.precisions, "precisions", ("fp32", "bf16", "fp16"),
+                         ("fp32",) if args.quick else ("fp32", "bf16", "fp16") if gpu else ("fp32", "bf16"))
+    formats = choices(args.memory_formats, "memory-formats", ("contiguous", "channels_last"),
+                      ("contiguous",) if args.quick else ("contiguous", "channels_last"))
     return Settings(
         device="cuda:0" if gpu else "cpu", image_size=size, batch=batch, steps=steps, warmup=warmup,
-        repeats=repeats, per_worker_batch=group,
-        precisions=("fp32",) if args.quick else ("fp32", "bf16", "fp16") if gpu else ("fp32", "bf16"),
-        memory_formats=("contiguous",) if args.quick else ("contiguous", "channels_last"),
+        repeats=repeats, per_worker_batch=group, precisions=precisions, memory_formats=formats,
         compile=args.compile if args.compile is not None else gpu and not args.quick,
+        profile=args.profile if args.profile is not None else gpu and not args.quick,
         quick=args.quick, note=note.lstrip("; "))
+
+
+def choices(value: str | None, flag: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated ``--flag`` list checked against ``allowed`` (``default`` when not given)."""
+    if value is None:
+        return default
+    picked = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    bad = [v for v in picked if v not in allowed]
+    if bad or not picked:
+        raise UserError(f"--{flag} {value!r}: give a comma-separated list of {', '.join(allowed)}")
+    return picked
 
 
 def megabatch_run(s: Settings, config: Config, per_worker: int, out: Path, jpegs: tuple | None = None):
@@ -163,17 +190,24 @@ def megabatch_run(s: Settings, config: Config, per_worker: int, out: Path, jpegs
     return run
 
 
-def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpegs: tuple | None = None) -> dict:
-    """The real megabatch step, timed: ``train_step`` on the Run's own micro-batches."""
+def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpegs: tuple | None = None,
+                   profile: bool = False) -> dict:
+    """The real megabatch step, timed: ``train_step`` on the Run's own micro-batches
+    (and, with ``profile``, profiled for a few more steps)."""
     from megabatch import bench_input
     from megabatch.train import train_step
 
     run = megabatch_run(s, config, per_worker, out, jpegs)
     feed = bench_input.steps(run.train_data, run.plan, run.device, run.recipe.data.augment, run.recipe.train.seed)
     losses = []
+
+    def step() -> None:
+        losses.append(train_step(run, next(feed)).loss)
+
     # Compilation happens in the first calls: never timed.
-    result = measure(lambda: losses.append(train_step(run, next(feed)).loss), s, s.batch,
-                     max(s.warmup, 2) if config.compile else None)
+    result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
+    if profile:
+        result["profile"] = bench_profile.profile_steps(step, s.device)
     feed.close()
     bad = sum(not loss == loss or abs(loss) == float("inf") for loss in losses)
     if bad:
@@ -184,33 +218,56 @@ def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpeg
     return result
 
 
-def time_baseline(s: Settings) -> dict:
-    """A user's own loop: torchvision ResNet-50, fp32, NCHW, eager, plain BN, momentum SGD,
-    and PyTorch's defaults (no cuDNN autotuning, which megabatch's runs turn on)."""
+def plain_name(config: Config) -> str:
+    return f"plain PyTorch {config.precision} {config.memory_format} {'compiled' if config.compile else 'eager'}"
+
+
+def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
+    """A user's own loop at ``config``'s precision, memory format and compile setting:
+    torchvision ResNet-50, nn.BatchNorm2d over the whole batch, momentum SGD (PyTorch's
+    default foreach path), autocast and, in fp16, a GradScaler; cuDNN autotuning as in
+    megabatch's runs. Nothing of megabatch's emulation: the ratio prices it alone."""
     import torch
     import torch.nn.functional as F
     import torchvision
 
+    from megabatch import recipe as recipes
+    from megabatch.build import AUTOCAST_DTYPES, memory_format
     from megabatch.data import synthetic
 
     torch.manual_seed(0)
-    model = torchvision.models.resnet50().to(s.device)
+    layout = memory_format(config.memory_format)
+    model = torchvision.models.resnet50().to(s.device, memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * s.batch / 256, momentum=0.9)
+    net = torch.compile(model) if config.compile else model
+    dtype = AUTOCAST_DTYPES[config.precision]
+    device_type = torch.device(s.device).type
+    scaler = torch.amp.GradScaler(device_type) if config.precision == "fp16" else None
     train, _ = synthetic.make(s.batch, 1, s.image_size, 3, 1000)
     x, y = train.batch(torch.arange(s.batch), s.device)
+    x = x.contiguous(memory_format=layout)
 
     def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(net(x), y)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         optimizer.zero_grad()
 
-    autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    autotune = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = recipes.load(RECIPE).train.cudnn_benchmark
     try:
-        result = measure(step, s, s.batch)
+        result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
+        if profile:
+            result["profile"] = bench_profile.profile_steps(step, s.device)
     finally:
         torch.backends.cudnn.benchmark = autotune
-    del model, optimizer
+    del model, net, optimizer
     release()
     return result
 
@@ -240,7 +297,7 @@ def matmul_size(s: Settings) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Measure, print the table as it goes, write the JSON result; 0 on success."""
+    """Measure, print the table as it goes, write the JSON result after every part; 0 on success."""
     import torch
 
     from megabatch import bench_input, bench_small, provenance, recipe as recipes
@@ -261,6 +318,20 @@ def run(args: argparse.Namespace) -> int:
         except OSError as err:
             raise UserError(f"cannot create --out {out}: {err.strerror}") from None
         device_name = provenance.device_name(device)
+        path = output_path(out, device_name)
+        result: dict = {
+            "device": device_name, **provenance.collect(device), "model": "resnet50", "note": s.note,
+            "complete": False,
+            "settings": {**asdict(s), "recipe": RECIPE, "data": args.data or "generated (megabatch.data.tiny_imagenet)",
+                         "training_images": images,
+                         "cudnn_benchmark": recipes.load(RECIPE).train.cudnn_benchmark}}
+
+        def save() -> None:
+            try:
+                path.write_text(json.dumps(result, indent=2) + "\n")
+            except OSError as err:
+                raise UserError(f"cannot write {path}: {err.strerror}") from None
+
         print(f"megabatch bench on {device_name}: ResNet-50 ({RECIPE}), {s.image_size}x{s.image_size} images, "
               f"batch {s.batch} = {s.batch // s.per_worker_batch} emulated workers x {s.per_worker_batch}")
         if s.note:
@@ -269,35 +340,47 @@ def run(args: argparse.Namespace) -> int:
               f"and min-max; MFU at {flop_per_image(s) / 1e9:.2f} GFLOP per image per step")
         peak = {p: matmul_flops(s, p) for p in s.precisions}
         print("matrix throughput: " + ", ".join(f"{p} {f / 1e12:.3g} TFLOP/s" for p, f in peak.items()))
+        result["mfu"] = {"flop_per_image": flop_per_image(s), "matmul_flops": peak, "matmul_size": matmul_size(s)}
+        save()
 
         def mfu(m: dict, precision: str) -> float:
             return flop_per_image(s) * m["images_per_s"] / peak[precision]
 
-        print(f"\n{COLUMNS}\ntrain step (synthetic images on the device)")
-        base = time_baseline(s)
-        print(row(BASELINE, base, base["images_per_s"], mfu(base, "fp32")))
-        entries: list[tuple[Config, dict]] = []
+        print(f"\n{COLUMNS}\ntrain step (synthetic images on the device), each beside a plain PyTorch loop "
+              f"at the same settings")
+        pairs: list[tuple[Config, dict, dict]] = []  # (config, megabatch, plain)
 
         def train(config: Config) -> None:
-            m = time_megabatch(s, config, s.per_worker_batch, tmp / "run")
-            entries.append((config, m))
-            print(row(config.name, m, base["images_per_s"], mfu(m, config.precision)), flush=True)
+            m = time_megabatch(s, config, s.per_worker_batch, tmp / "run", profile=s.profile)
+            plain = time_plain(s, config, profile=s.profile)
+            pairs.append((config, m, plain))
+            print(row(config.name, m, plain["images_per_s"], mfu(m, config.precision)))
+            print(row(plain_name(config), plain, plain["images_per_s"], mfu(plain, config.precision)), flush=True)
+            for name, reading in ((config.name, m), (plain_name(config), plain)):
+                if "profile" in reading:
+                    print("\n".join(bench_profile.lines(name, reading["profile"], top=3)), flush=True)
+            result["train_step"] = [step_entry(s, c, mb, pl, mfu) for c, mb, pl in pairs]
+            save()
 
         for precision in s.precisions:
             for layout in s.memory_formats:
                 train(Config(precision, layout))
-        if s.compile:
-            fastest = max(entries, key=lambda e: e[1]["images_per_s"])[0]
-            train(Config(fastest.precision, fastest.memory_format, compile=True))
-        best, best_m = max(entries, key=lambda e: e[1]["images_per_s"])
+        # The fastest eager setting serves ghost BN and end to end; compilation (minutes on a
+        # GPU) comes last, so that a run cut short has everything else.
+        best, best_m, best_plain = max(pairs, key=lambda e: e[1]["images_per_s"])
 
-        ghost_config, ghost = max(((c, m) for c, m in entries if c.precision == "fp32" and not c.compile),
-                                  key=lambda e: e[1]["images_per_s"])
-        plain = time_megabatch(s, ghost_config, s.batch, tmp / "run")
-        print(row(f"{ghost_config.name}, plain BN", plain, base["images_per_s"], mfu(plain, "fp32")))
-        ghost_ratio = ghost["images_per_s"] / plain["images_per_s"]
+        ghost_config, ghost = best, best_m
+        plain_bn = time_megabatch(s, ghost_config, s.batch, tmp / "run")
+        print(row(f"{ghost_config.name}, plain BN", plain_bn, None, mfu(plain_bn, ghost_config.precision)))
+        ghost_ratio = ghost["images_per_s"] / plain_bn["images_per_s"]
         print(f"  ghost BN at full batch: {s.batch // s.per_worker_batch} groups of {s.per_worker_batch} run "
               f"at {ghost_ratio:.2f}x the images/s of plain BN")
+        result["ghost_bn"] = {
+            "config": ghost_config.name, "batch_size": s.batch, "per_worker_batch": s.per_worker_batch,
+            "ghost_images_per_s": ghost["images_per_s"], "ghost_spread": ghost["spread"],
+            "plain_images_per_s": plain_bn["images_per_s"], "plain_spread": plain_bn["spread"],
+            "ratio": ghost_ratio, "ratio_is": "images/s with per-worker BN / with plain BN"}
+        save()
 
         print(f"input pipeline (JPEG folder, {images} training images, onto {s.device})")
         readings = []
@@ -311,57 +394,63 @@ def run(args: argparse.Namespace) -> int:
             feed.close()
             readings.append((pipeline, m))
             print(row(pipeline.name(device), m), flush=True)
+            result["input_pipeline"] = [{"name": p.name(device), "decoder": p.decoder, "workers": p.workers,
+                                         "images_per_s": r["images_per_s"], "spread": r["spread"],
+                                         "batch_size": s.batch, "per_repeat": r["per_repeat"]} for p, r in readings]
+            save()
         reading, reading_m = max(readings, key=lambda r: r[1]["images_per_s"])
 
-        print(f"end to end (from the JPEG folder; {reading.name(device)})")
-        e2e = time_megabatch(s, best, s.per_worker_batch, tmp / "e2e", (root, reading.decoder, reading.workers))
-        if "peak_memory_bytes" not in e2e:
-            e2e["peak_memory_bytes"] = peak_rss_bytes()
-        print(row(best.name, e2e, base["images_per_s"], mfu(e2e, best.precision)))
-        print(f"  peak memory {e2e['peak_memory_bytes'] / 2 ** 30:.2f} GiB "
-              f"({'torch.cuda.max_memory_allocated' if s.device != 'cpu' else 'peak RSS of the process'})")
-        summary = where_the_time_goes(best_m["images_per_s"], base["images_per_s"], reading_m["images_per_s"],
-                                      e2e["images_per_s"])
+        # End to end with the device decoder (nvJPEG on a GPU), and with the fastest reader if another.
+        on_device = next(p for p, _ in readings if p.decoder == "device")
+        ends = []
+        for pipeline in dict.fromkeys([on_device, reading]):
+            print(f"end to end (from the JPEG folder; {pipeline.name(device)})")
+            e2e = time_megabatch(s, best, s.per_worker_batch, tmp / "e2e", (root, pipeline.decoder, pipeline.workers))
+            if "peak_memory_bytes" not in e2e:
+                e2e["peak_memory_bytes"] = peak_rss_bytes()
+            print(row(best.name, e2e, best_plain["images_per_s"], mfu(e2e, best.precision)))
+            print(f"  peak memory {e2e['peak_memory_bytes'] / 2 ** 30:.2f} GiB "
+                  f"({'torch.cuda.max_memory_allocated' if s.device != 'cpu' else 'peak RSS of the process'})")
+            ends.append({"name": best.name, "decoder": pipeline.decoder, "workers": pipeline.workers,
+                         "images_per_s": e2e["images_per_s"], "spread": e2e["spread"], "batch_size": s.batch,
+                         "ratio_to_plain": e2e["images_per_s"] / best_plain["images_per_s"],
+                         "peak_memory_bytes": e2e["peak_memory_bytes"],
+                         "peak_memory_is": "torch.cuda.max_memory_allocated" if s.device != "cpu"
+                         else "peak RSS of the whole process (resource.getrusage)", "mfu": mfu(e2e, best.precision)})
+            result["end_to_end_by_decoder"] = ends
+            save()
+        end = max(ends, key=lambda e: e["images_per_s"])
+        result["end_to_end"] = end
+        result["mfu"]["end_to_end"] = end["mfu"]
+        save()
+
+        if s.compile:
+            train(Config(best.precision, best.memory_format, compile=True))
+        best, best_m, best_plain = max(pairs, key=lambda e: e[1]["images_per_s"])
+        result["mfu"]["best_train_step"] = {"name": best.name, "mfu": mfu(best_m, best.precision)}
+        if s.profile:
+            result["profile"] = {"config": best.name, "megabatch": best_m.get("profile"),
+                                 "plain": best_plain.get("profile")}
+        summary = where_the_time_goes(best_m["images_per_s"], best_plain["images_per_s"], reading_m["images_per_s"],
+                                      end["images_per_s"])
         print("\n" + "\n".join(time_lines(summary, best.name, reading.name(device))))
-
-    def train_entry(name: str, m: dict, precision: str, extra: dict) -> dict:
-        return {"name": name, "images_per_s": m["images_per_s"], "spread": m["spread"], "batch_size": s.batch,
-                "ratio_to_baseline": m["images_per_s"] / base["images_per_s"], "mfu": mfu(m, precision),
-                **extra, "per_repeat": m["per_repeat"], **({"peak_memory_bytes": m["peak_memory_bytes"]}
-                                                     if "peak_memory_bytes" in m else {})}
-
-    result = {
-        "device": device_name, **provenance.collect(device), "model": "resnet50", "note": s.note,
-        "settings": {**asdict(s), "recipe": RECIPE, "data": args.data or "generated (megabatch.data.tiny_imagenet)",
-                     "training_images": images,
-                     "cudnn_benchmark": {"baseline": False, "megabatch": recipes.load(RECIPE).train.cudnn_benchmark}},
-        "train_step": [train_entry(c.name, m, c.precision, {**asdict(c), "per_worker_batch": s.per_worker_batch})
-                       for c, m in entries] + [train_entry(BASELINE, base, "fp32", {})],
-        "ghost_bn": {"config": ghost_config.name, "batch_size": s.batch, "per_worker_batch": s.per_worker_batch,
-                     "ghost_images_per_s": ghost["images_per_s"], "ghost_spread": ghost["spread"],
-                     "plain_images_per_s": plain["images_per_s"], "plain_spread": plain["spread"],
-                     "ratio": ghost_ratio, "ratio_is": "images/s with per-worker BN / with plain BN"},
-        "input_pipeline": [{"name": p.name(device), "decoder": p.decoder, "workers": p.workers,
-                            "images_per_s": m["images_per_s"], "spread": m["spread"], "batch_size": s.batch,
-                            "per_repeat": m["per_repeat"]} for p, m in readings],
-        "end_to_end": {"name": best.name, "decoder": reading.decoder, "workers": reading.workers,
-                       "images_per_s": e2e["images_per_s"], "spread": e2e["spread"], "batch_size": s.batch,
-                       "ratio_to_baseline": e2e["images_per_s"] / base["images_per_s"],
-                       "peak_memory_bytes": e2e["peak_memory_bytes"],
-                       "peak_memory_is": "torch.cuda.max_memory_allocated" if s.device != "cpu"
-                       else "peak RSS of the whole process (resource.getrusage)", "mfu": mfu(e2e, best.precision)},
-        "where_the_time_goes": summary,
-        "mfu": {"flop_per_image": flop_per_image(s), "matmul_flops": peak, "matmul_size": matmul_size(s),
-                "best_train_step": {"name": best.name, "mfu": mfu(best_m, best.precision)},
-                "end_to_end": mfu(e2e, best.precision)},
-    }
-    path = output_path(out, device_name)
-    try:
-        path.write_text(json.dumps(result, indent=2) + "\n")
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror}") from None
+        result["where_the_time_goes"] = summary
+        result["complete"] = True
+        save()
     print(f"\nwrote {path}")
     return 0
+
+
+def step_entry(s: Settings, config: Config, m: dict, plain: dict, mfu) -> dict:
+    """One ``train_step`` entry of the result: megabatch at ``config``, its plain twin inside."""
+    def reading(x: dict) -> dict:
+        return {"images_per_s": x["images_per_s"], "spread": x["spread"], "per_repeat": x["per_repeat"],
+                "mfu": mfu(x, config.precision),
+                **{k: x[k] for k in ("peak_memory_bytes", "profile") if k in x}}
+
+    return {"name": config.name, **asdict(config), "batch_size": s.batch, "per_worker_batch": s.per_worker_batch,
+            **reading(m), "ratio_to_plain": m["images_per_s"] / plain["images_per_s"],
+            "plain": {"name": plain_name(config), **reading(plain)}}
 
 
 def flop_per_image(s: Settings) -> float:

@@ -303,7 +303,8 @@ def describe(run: Run) -> str:
                      f"{e.alpha_center:.3g} period {e.alpha_period:.3g} epochs")
     lines.append(f"  optimizer {r.optimizer.name}, momentum {r.optimizer.momentum:g}, weight decay "
                  f"{r.optimizer.weight_decay:g}{' (not on BN/bias)' if r.optimizer.no_decay_bn_bias else ''}; "
-                 f"bn {r.model.bn}; model {r.model.arch}; {r.train.precision} compute"
+                 f"bn {r.model.bn}; model {r.model.arch}; {r.train.precision} compute, "
+                 f"{'channels-last' if run.layout == torch.channels_last else 'contiguous'}"
                  f"{', compiled' if r.train.compile else ''}; gradients all-reduced in {r.train.comm_dtype}")
     held = (f" ({len(run.validation_data)} more held out for validation)"
             if run.validation_data is not None else "")

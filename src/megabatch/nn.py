@@ -217,6 +217,12 @@ def step_statistics(model: nn.Module) -> Iterator[None]:
     (micro-batches); on exit the layer's own momentum is applied once to that
     average, as if each worker had seen its batch in a single forward pass. With
     equal micro-batches, the result is the element-wise average over workers.
+
+    Nothing here waits for the device: a layer that saw no training pass in the block
+    still holds its old statistics (the cumulative average never moved them), so the
+    momentum step leaves them as they were, and its counter advances only where it
+    counted a pass, decided on the device. (Reading the counters on the host would
+    stop a GPU's queue once per layer and step.)
     """
     layers = batch_norm_layers(model)
     saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
@@ -229,15 +235,11 @@ def step_statistics(model: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for m, (momentum, mean, var, count) in zip(layers, saved):
-                seen = int(m.num_batches_tracked)
                 m.momentum = momentum
-                if seen == 0:  # no forward pass in training mode: leave the layer as it was
-                    m.num_batches_tracked.copy_(count)
-                    continue
                 factor = 1.0 if momentum is None else momentum
                 m.running_mean.copy_(mean.lerp_(m.running_mean, factor))
                 m.running_var.copy_(var.lerp_(m.running_var, factor))
-                m.num_batches_tracked.copy_(count + 1)
+                m.num_batches_tracked.copy_(count + (m.num_batches_tracked > 0).to(count.dtype))
 
 
 @torch.no_grad()

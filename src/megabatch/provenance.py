@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 import sys
@@ -16,8 +17,9 @@ import megabatch
 
 
 def git_commit() -> str:
-    """The commit of the megabatch checkout, with "-dirty" for local changes; "unknown"
-    for an installed copy outside git."""
+    """The commit of the megabatch checkout, with "-dirty" for local changes. A copy
+    outside git (a source tree shipped to a cluster node) reports ``$MEGABATCH_GIT_COMMIT``,
+    which whoever copied it sets, or "unknown"."""
     here = Path(megabatch.__file__).resolve().parent
 
     def git(*args: str) -> str:
@@ -28,7 +30,7 @@ def git_commit() -> str:
         commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("MEGABATCH_GIT_COMMIT", "unknown")
     return commit + ("-dirty" if dirty else "")
 
 

@@ -71,12 +71,15 @@ def train_step(run: Run, micro_batches: Iterable[Batch]) -> StepResult:
     # One all-reduce per step agrees on the loss (all processes stop together on a NaN),
     # on a stop request, and on the noise-scale norms.
     stop = torch.tensor(float(run.stop_requested()), device=run.device)
-    agreed = all_reduce_mean(torch.stack([total, stop, *pieces.norms()]), run.dist).tolist()
+    agreement = torch.stack([total, stop, *pieces.norms()])
+    # Queued before the host waits for the loss (.tolist()), so that a GPU is still busy
+    # with them meanwhile; a non-finite loss stops the run, whatever the rounding did.
+    round_gradients(run.model, run.dist, run.recipe.train.comm_dtype)
+    agreed = all_reduce_mean(agreement, run.dist).tolist()
     value = agreed[0]
     if not math.isfinite(value):
         return StepResult(value, agreed[1] > 0)  # the caller stops before the optimizer sees the gradient
     pieces.update(agreed[2:])
-    round_gradients(run.model, run.dist, run.recipe.train.comm_dtype)
     if run.scaler:  # skips the step if the fp16 gradients overflowed, and adapts the scale
         run.scaler.step(run.optimizer)
         run.scaler.update()

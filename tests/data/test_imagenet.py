@@ -174,3 +174,43 @@ def test_a_folder_holds_out_validation_files_with_their_labels(tiny):
     assert (len(rest), len(held)) == (56, 8)
     assert sorted(rest.samples + held.samples) == sorted(train.samples)
     assert held.classes == train.classes and held.decoder == train.decoder
+
+
+@pytest.mark.parametrize("decoder", ["pil", "device"])
+def test_odd_files_decode_and_damaged_ones_are_replaced(tiny, tmp_path, decoder):
+    # What a real ImageNet copy holds (CMYK, greyscale, a PNG named .JPEG, tiny and large
+    # images) trains; a truncated and an empty file are counted and replaced, nothing else.
+    import shutil
+
+    copy = shutil.copytree(tiny, tmp_path / "odd")
+    odd = tiny_imagenet.add_odd_files(copy)
+    train, _ = imagenet.load(copy, SIZE, 40, decoder=decoder, workers=0)
+    assert len(train) == 64 + len(odd)
+    steps = steps_of(train, BatchPlan.create(71, 71, 71))
+    [[(x, y)]] = steps
+    assert x.shape == (71, 3, SIZE, SIZE) and torch.isfinite(x).all()
+    assert sorted(train.take_unreadable()) == sorted(str(odd[k]) for k in tiny_imagenet.ODD_UNREADABLE)
+    # Evaluation (resize and center crop) reads every readable odd file too.
+    readable = [(str(odd[k]), 0) for k in tiny_imagenet.ODD_READABLE]
+    source = imagenet.ImageFolderSource(readable, list(train.classes), SIZE, 40, decoder, workers=0)
+    [(x, y)] = list(source.evaluation_batches(0, len(readable), len(readable), torch.device("cpu")))
+    assert x.shape == (5, 3, SIZE, SIZE) and source.take_unreadable() == []
+
+
+def test_the_script_writes_the_odd_files(tmp_path, fashion_dir, capsys):
+    import runpy
+    import sys
+
+    out = tmp_path / "tiny"
+    argv = ["make_tiny_imagenet.py", str(out), "--classes", "2", "--train-per-class", "2", "--val-per-class", "1",
+            "--odd-files"]
+    old, sys.argv = sys.argv, argv
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path("scripts/make_tiny_imagenet.py", run_name="__main__")
+    finally:
+        sys.argv = old
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "2 classes, 4 train + 2 val JPEGs" in printed and "7 odd files (cmyk, grey, png" in printed
+    assert len(list((out / "train" / "n00000000").iterdir())) == 2 + 7

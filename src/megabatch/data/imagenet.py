@@ -161,6 +161,14 @@ def decode_rgb(data: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def decode_jpeg_on(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One JPEG's bytes decoded on ``device`` (nvJPEG on a GPU); None when it refuses them."""
+    try:
+        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
 def collate(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, list[str], list[Item]]:
     images, labels, bad, items = zip(*batch)
     return list(images), torch.tensor(labels), [p for paths in bad for p in paths], list(items)
@@ -194,8 +202,9 @@ class ImageFolderSource:
             x = torch.stack([self._decode_on_device(data, item, device) for data, item in zip(decoded, items)])
         else:
             x = torch.stack(images).to(device, non_blocking=True)
-        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        # (torch.tensor(..., device=cuda) would be a blocking copy: the host waiting for the GPU)
+        mean = torch.tensor(MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)
+        std = torch.tensor(STD).view(1, 3, 1, 1).to(device, non_blocking=True)
         return (x.to(torch.get_default_dtype()) / 255.0 - mean) / std, labels.to(device, non_blocking=True)
 
     def _decode_all(self, data: list[torch.Tensor], labels: torch.Tensor, items: list[Item],
@@ -212,7 +221,9 @@ class ImageFolderSource:
                 pass
             decoded, labels = [], labels.clone()
             for i, (d, item) in enumerate(zip(data, items)):
-                image = decode_rgb(d)
+                image = decode_jpeg_on(d, device) if device.type != "cpu" else None
+                if image is None:  # the device's decoder refused it: the CPU's decodes any format
+                    image = decode_rgb(d)
                 if image is None:
                     image, labels[i] = self._next_decodable(item.index)
                 decoded.append(image.to(device))

@@ -39,13 +39,13 @@ class Augmentation:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Flip and translate a batch (n, c, h, w); uncovered pixels become 0."""
         n, _, h, w = x.shape
-        flip = self.flip.to(x.device)
+        flip = self.flip.to(x.device, non_blocking=True)  # a blocking copy would wait for the GPU
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.pad == 0:
             return x
         p = self.pad
         padded = F.pad(x, (p, p, p, p))
-        shift = self.shift.to(x.device)
+        shift = self.shift.to(x.device, non_blocking=True)
         rows = torch.arange(h, device=x.device) + (p - shift[:, :1])  # (n, h)
         cols = torch.arange(w, device=x.device) + (p - shift[:, 1:])  # (n, w)
         batch = torch.arange(n, device=x.device)[:, None, None]
@@ -74,11 +74,13 @@ class ImageTensors:
               augmentation: Augmentation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``index`` as normalized tensors of the default float dtype on ``device``,
         with their labels."""
+        # Indices go where the images are without waiting for the GPU (images kept on it).
+        index = index.to(self.images.device, non_blocking=True)
         x = self.images[index].to(device, non_blocking=True).to(torch.get_default_dtype()).div_(255.0)
         if augmentation is not None:
             x = augmentation.apply(x)
         x = x.sub_(self.mean).div_(self.std)
-        return x, self.labels[index].to(device, non_blocking=True)
+        return x, self.labels[index.to(self.labels.device, non_blocking=True)].to(device, non_blocking=True)
 
     def training_batches(self, steps: Iterable[StepIndices], seed: int, augment: bool,
                          device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:

@@ -112,3 +112,37 @@ def write(out: Path, classes: int = 10, train_per_class: int = 32, val_per_class
             name = f"ILSVRC2012_val_{n_val:08d}.JPEG" if split == "val" else f"{wnid(c)}_{i}.JPEG"
             write_image(folder / name, gray, c, size, rng)
     return out
+
+
+# The files a real ImageNet copy holds besides plain RGB JPEGs (ImageNet's train set has 22
+# CMYK JPEGs, one PNG named .JPEG and greyscale ones), and two that a copy can get damaged
+# into. Readable: the loaders must decode them; unreadable: counted and replaced.
+ODD_READABLE = ("cmyk", "grey", "png", "tiny", "large")
+ODD_UNREADABLE = ("truncated", "empty")
+
+
+def add_odd_files(out: Path, seed: int = 0) -> dict[str, Path]:
+    """Add to the first training class of the folder ``out`` (written by :func:`write`) one
+    file of each kind of :data:`ODD_READABLE` and :data:`ODD_UNREADABLE`, all named
+    ``*.JPEG``: a CMYK JPEG, a greyscale JPEG, a PNG, a 3x2 JPEG, a 3000x2000 JPEG, a JPEG
+    cut in half and an empty file. Returns {kind: path}."""
+    folder = Path(out) / "train" / wnid(0)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is missing: write the folder first")
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    rgb = Image.fromarray(pixels, "RGB")
+    paths = {kind: folder / f"{wnid(0)}_odd_{kind}.JPEG" for kind in ODD_READABLE + ODD_UNREADABLE}
+    rgb.convert("CMYK").save(paths["cmyk"], "JPEG", quality=QUALITY)
+    rgb.convert("L").save(paths["grey"], "JPEG", quality=QUALITY)
+    rgb.save(paths["png"], "PNG")
+    rgb.resize((3, 2)).save(paths["tiny"], "JPEG", quality=QUALITY)
+    rgb.resize((3000, 2000), Image.BILINEAR).save(paths["large"], "JPEG", quality=QUALITY)
+    whole = paths["tiny"].with_suffix(".tmp")
+    rgb.save(whole, "JPEG", quality=QUALITY)
+    data = whole.read_bytes()
+    whole.unlink()
+    paths["truncated"].write_bytes(data[:len(data) // 2])
+    paths["empty"].write_bytes(b"")
+    return paths
+

@@ -1,0 +1,89 @@
+"""Where one training step's time goes, from ``torch.profiler``: the summary that
+``megabatch bench --profile`` writes beside each measured step.
+
+:func:`profile_steps` profiles a few calls of a step; :func:`summarize` turns the
+profiler's per-operator averages into a few numbers per step: the wall time, on a GPU the
+device's busy time and its kernels (how much of the step the GPU computes, and how many
+launches the host pays for), the host's waits for the device (each a pipeline stall), and
+the operators that take the most device (or, on a CPU, host) time. :func:`summarize` is a
+pure function of the rows, so it is tested without a profiler.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+# Runtime calls that make the host wait for the GPU: a blocking copy ends in a stream
+# synchronization; .item() and .tolist() read the device (aten::_local_scalar_dense).
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+SCALAR_READS = ("aten::_local_scalar_dense",)
+TOP = 12
+
+
+def summarize(rows: Iterable[Any], calls: int, wall_s: float, on_device: bool) -> dict[str, Any]:
+    """The per-step summary of profiler rows (``key_averages()``: objects with ``key``,
+    ``count``, ``self_cpu_time_total`` and ``self_device_time_total`` in microseconds, and
+    ``device_type``) over ``calls`` steps that took ``wall_s`` seconds."""
+    rows = list(rows)
+    per_step = 1.0 / calls
+
+    def is_device(r) -> bool:
+        return str(getattr(r, "device_type", "")).endswith(("CUDA", "PrivateUse1", "XPU"))
+
+    kernels = [r for r in rows if is_device(r)]
+    host = [r for r in rows if not is_device(r)]
+    summary: dict[str, Any] = {"steps_profiled": calls, "wall_ms_per_step": 1e3 * wall_s * per_step}
+    if on_device:
+        busy_us = sum(r.self_device_time_total for r in kernels)
+        summary.update(device_ms_per_step=busy_us / 1e3 * per_step,
+                       device_busy=busy_us / 1e6 / wall_s if wall_s > 0 else 0.0,
+                       kernels_per_step=sum(r.count for r in kernels) * per_step)
+    summary["host_waits_per_step"] = sum(r.count for r in host if r.key in HOST_WAITS) * per_step
+    summary["scalar_reads_per_step"] = sum(r.count for r in host if r.key in SCALAR_READS) * per_step
+    summary["host_ms_per_step"] = sum(r.self_cpu_time_total for r in host) / 1e3 * per_step
+    timed, attr = (kernels, "self_device_time_total") if on_device else (host, "self_cpu_time_total")
+    total = sum(getattr(r, attr) for r in timed) or 1.0
+    top = sorted(timed, key=lambda r: getattr(r, attr), reverse=True)[:TOP]
+    summary["top" if not on_device else "top_kernels"] = [
+        {"name": r.key[:160], "ms_per_step": getattr(r, attr) / 1e3 * per_step,
+         "calls_per_step": r.count * per_step, "share": getattr(r, attr) / total} for r in top]
+    return summary
+
+
+def profile_steps(step: Callable[[], Any], device: str, calls: int = 2) -> dict[str, Any]:
+    """Profile ``calls`` calls of ``step`` (already warmed up) on ``device`` ("cpu" or
+    "cuda:N"); the summary, or ``{"error": ...}`` if the profiler itself failed (the
+    measurement it sits beside is kept)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    sync()
+    try:
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            sync()
+            wall = time.perf_counter() - start
+        return summarize(prof.key_averages(), calls, wall, cuda)
+    except RuntimeError as err:  # e.g. CUPTI unavailable in a sandbox
+        return {"error": f"torch.profiler failed: {err}"}
+
+
+def lines(name: str, summary: dict[str, Any], top: int = 5) -> list[str]:
+    """The printed form of one summary."""
+    if "error" in summary:
+        return [f"  {name}: {summary['error']}"]
+    head = f"  {name}: {summary['wall_ms_per_step']:.1f} ms/step"
+    if "device_ms_per_step" in summary:
+        head += (f", GPU busy {summary['device_ms_per_step']:.1f} ms ({100 * summary['device_busy']:.0f}%), "
+                 f"{summary['kernels_per_step']:.0f} kernels")
+    head += (f", host {summary['host_ms_per_step']:.1f} ms, {summary['host_waits_per_step']:.0f} waits for the "
+             f"device, {summary['scalar_reads_per_step']:.0f} scalar reads")
+    ops = summary.get("top_kernels", summary.get("top", []))[:top]
+    return [head] + [f"    {100 * op['share']:5.1f}%  {op['ms_per_step']:8.2f} ms  x{op['calls_per_step']:<5g} "
+                     f"{op['name'][:90]}" for op in ops]
