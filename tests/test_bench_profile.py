@@ -44,6 +44,13 @@ def test_gpu_rows_by_hand():
     assert "75.0%" in printed[1] and "sm90_xmma_conv_kernel" in printed[1]
 
 
+def test_host_operators_are_ranked_on_a_gpu_too():
+    s = bench_profile.summarize(GPU_ROWS, calls=2, wall_s=0.010, on_device=True)
+    assert [op["name"] for op in s["top"]] == ["cudaStreamSynchronize", "aten::convolution", "cudaLaunchKernel",
+                                               "aten::_local_scalar_dense"]
+    assert s["top"][0]["ms_per_step"] == pytest.approx(0.25) and s["top"][2]["calls_per_step"] == 20
+
+
 def test_cpu_rows_rank_host_operators():
     s = bench_profile.summarize(GPU_ROWS[:4], calls=1, wall_s=0.002, on_device=False)
     assert "device_ms_per_step" not in s and "top_kernels" not in s

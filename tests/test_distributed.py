@@ -114,6 +114,22 @@ def test_launch_without_rendezvous_address_is_a_clear_error():
         launch_environment({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"})
 
 
+def test_more_processes_than_gpus_on_a_node_is_a_clear_error(monkeypatch):
+    # Two ranks on one GPU: NCCL would refuse them with a message about NCCL; ours says what to do.
+    from megabatch import distributed
+
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29500", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
+    with pytest.raises(UserError, match=r"process 1 is local rank 1 on a node with 1 GPU: start at most "
+                                        r"1 process per node \(torchrun --nproc-per-node=1\), or train on "
+                                        r"the CPU with --set train.device=cpu"):
+        distributed.setup("auto")
+
+
 @pytest.mark.parametrize("nodelist, host", [
     ("node7", "node7"), ("gpu[003-010,012]", "gpu003"), ("a[1,4],b2", "a1"), ("x-1", "x-1"),
 ])
@@ -308,7 +324,8 @@ def test_truncated_newest_checkpoint_is_skipped(tmp_path):
 
 def test_a_failing_rank_reports_one_line_naming_it(tmp_path):
     result = subprocess.run(torchrun("train", "--recipe", "fashion-mnist-demo", "--data", str(tmp_path / "none"),
-                                     "--out", str(tmp_path / "r")), capture_output=True, text=True, timeout=300)
+                                     "--out", str(tmp_path / "r"), "--set", "train.device=cpu"),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     lines = [l for l in result.stderr.splitlines() if l.startswith("megabatch: error:")]
     assert any(l.startswith("megabatch: error: rank 1/2: Fashion-MNIST not found") for l in lines), result.stderr

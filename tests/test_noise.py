@@ -164,7 +164,8 @@ def test_noise_scale_command_on_the_demo_recipe(capsys, fashion_dir):
     from megabatch.cli import main
 
     assert main(["noise-scale", "--recipe", "fashion-mnist-demo", "--steps", "3", "--data", str(fashion_dir),
-                 "--set", "data.train_subset=8192", "--set", "train.precision=fp32"]) == 0
+                 "--set", "data.train_subset=8192", "--set", "train.precision=fp32",
+                 "--set", "train.device=cpu"]) == 0  # the CPU's automatic micro-batch (256)
     out = capsys.readouterr().out
     value = float(out.split("B_simple = ")[1].split(" images")[0].replace(",", ""))
     assert 10 < value < 500  # at initialization the demo's is about 55 (README)

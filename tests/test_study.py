@@ -210,7 +210,7 @@ description = "two runs, one at a time"
 epochs = 6
 batches = [256, 512]
 seeds = [0]
-set = ["data.train_subset=1024", "data.test_subset=200", "batch.micro_batch=256"]
+set = ["data.train_subset=1024", "data.test_subset=200", "batch.micro_batch=256", "train.device=cpu"]
 
 [methods.linear]
 recipe = "fashion-mnist-linear"

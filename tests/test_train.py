@@ -20,8 +20,10 @@ from megabatch.build import build_optimizer, build_run, configure_backends
 from megabatch.train import recompute_bn_statistics, set_hyperparameters, train_one_epoch
 from megabatch.schedules import recipe_values
 
+# The demo computes in bf16 where the CPU has it: these compare in fp32, and on the CPU also
+# where a GPU is visible (they are exact comparisons with CPU references).
 SMALL = ["data.train_subset=1024", "data.test_subset=500", "train.epochs=1", "train.comm_dtype=fp32",
-         "train.precision=fp32"]  # the demo computes in bf16 where the CPU has it: these compare in fp32
+         "train.precision=fp32", "train.device=cpu"]
 
 
 def quiet_run(tmp_path, overrides, data_dir=None):
@@ -98,6 +100,23 @@ def test_emulated_workers_equal_separate_workers(tmp_path, fashion_dir, float64)
         torch.testing.assert_close(ours[key], value, rtol=1e-9, atol=1e-9, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("optimizer", ["rmsprop_warmup", "sgd"])
+def test_a_cuda_run_computes_what_the_cpu_run_does(tmp_path, fashion_dir, float64, optimizer):
+    # The same three steps (ghost BN over 4 workers in 2 micro-batches, augmentation, the
+    # BN statistics of the step) on the GPU and on the CPU, in float64.
+    results = {}
+    for device in ("cpu", "cuda"):
+        run = quiet_run(tmp_path / device, ["batch.global_batch=128", "batch.micro_batch=64", "train.max_steps=3",
+                                            "data.augment=true", f"optimizer.name={optimizer}",
+                                            f"train.device={device}"])
+        assert run.device.type == device
+        train_one_epoch(run, 0)
+        results[device] = {k: v.cpu() for k, v in state_of(run.model).items()}
+    for key, value in results["cpu"].items():
+        torch.testing.assert_close(results["cuda"][key], value, rtol=1e-7, atol=1e-9, msg=lambda m: f"{key}: {m}")
+
+
 def test_paper_scale_1024_workers_run_with_memory_bounded_by_micro_batch(tmp_path, fashion_dir):
     recipe = recipes.load("fashion-mnist-paper", ["batch.global_batch=32768", "batch.micro_batch=512",
                                                   "train.max_steps=1", "train.epochs=1"])
@@ -114,7 +133,7 @@ def test_paper_scale_1024_workers_run_with_memory_bounded_by_micro_batch(tmp_pat
 
 def test_end_to_end_on_real_data_then_eval(tmp_path, capsys, fashion_dir):
     out = tmp_path / "run"
-    code = main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out),
+    code = main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), "--set", "train.device=cpu",
                  "--set", "data.train_subset=8192", "--set", "data.test_subset=2000",
                  "--set", "batch.global_batch=512", "--set", "train.epochs=3",
                  "--set", "optimizer.alpha_center=1.0", "--set", "optimizer.alpha_period=1.0",
@@ -151,7 +170,7 @@ def test_end_to_end_on_real_data_then_eval(tmp_path, capsys, fashion_dir):
 
 def test_diverged_run_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, capsys, fashion_dir):
     out = tmp_path / "run"
-    code = main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out),
+    code = main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), "--set", "train.device=cpu",
                  "--set", "data.train_subset=1024", "--set", "data.test_subset=500",
                  "--set", "batch.global_batch=256", "--set", "train.epochs=3",
                  "--set", "optimizer.name=sgd", "--set", "schedule.boundaries=[1.0]",
@@ -335,13 +354,15 @@ def test_a_copy_outside_git_reports_the_commit_it_was_given(monkeypatch):
 
     from megabatch import provenance
 
+    monkeypatch.delenv("MEGABATCH_GIT_COMMIT", raising=False)
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", provenance.git_commit())  # this checkout
+    # Set, it wins: a copy shipped to another machine may carry an older .git.
+    monkeypatch.setenv("MEGABATCH_GIT_COMMIT", "0123abcd")
+    assert provenance.git_commit() == "0123abcd"
 
     def no_git(*args, **kwargs):
         raise subprocess.CalledProcessError(128, "git")  # "not a git repository"
 
     monkeypatch.setattr(provenance.subprocess, "run", no_git)
-    monkeypatch.delenv("MEGABATCH_GIT_COMMIT", raising=False)
+    monkeypatch.delenv("MEGABATCH_GIT_COMMIT")
     assert provenance.git_commit() == "unknown"
-    monkeypatch.setenv("MEGABATCH_GIT_COMMIT", "0123abcd")
-    assert provenance.git_commit() == "0123abcd"

@@ -5,7 +5,7 @@
 profiler's per-operator averages into a few numbers per step: the wall time, on a GPU the
 device's busy time and its kernels (how much of the step the GPU computes, and how many
 launches the host pays for), the host's waits for the device (each a pipeline stall), and
-the operators that take the most device (or, on a CPU, host) time. :func:`summarize` is a
+the operators that take the most device time (kernels) and the most host time. :func:`summarize` is a
 pure function of the rows, so it is tested without a profiler.
 """
 
@@ -42,12 +42,16 @@ def summarize(rows: Iterable[Any], calls: int, wall_s: float, on_device: bool) -
     summary["host_waits_per_step"] = sum(r.count for r in host if r.key in HOST_WAITS) * per_step
     summary["scalar_reads_per_step"] = sum(r.count for r in host if r.key in SCALAR_READS) * per_step
     summary["host_ms_per_step"] = sum(r.self_cpu_time_total for r in host) / 1e3 * per_step
-    timed, attr = (kernels, "self_device_time_total") if on_device else (host, "self_cpu_time_total")
-    total = sum(getattr(r, attr) for r in timed) or 1.0
-    top = sorted(timed, key=lambda r: getattr(r, attr), reverse=True)[:TOP]
-    summary["top" if not on_device else "top_kernels"] = [
-        {"name": r.key[:160], "ms_per_step": getattr(r, attr) / 1e3 * per_step,
-         "calls_per_step": r.count * per_step, "share": getattr(r, attr) / total} for r in top]
+    def ranked(timed: list, attr: str) -> list[dict[str, Any]]:
+        total = sum(getattr(r, attr) for r in timed) or 1.0
+        top = sorted(timed, key=lambda r: getattr(r, attr), reverse=True)[:TOP]
+        return [{"name": r.key[:160], "ms_per_step": getattr(r, attr) / 1e3 * per_step,
+                 "calls_per_step": r.count * per_step, "share": getattr(r, attr) / total} for r in top]
+
+    if on_device:
+        summary["top_kernels"] = ranked(kernels, "self_device_time_total")
+    # The host's own time by operator: on a GPU, what a launch-bound step spends its time on.
+    summary["top"] = ranked(host, "self_cpu_time_total")
     return summary
 
 
@@ -84,6 +88,6 @@ def lines(name: str, summary: dict[str, Any], top: int = 5) -> list[str]:
                  f"{summary['kernels_per_step']:.0f} kernels")
     head += (f", host {summary['host_ms_per_step']:.1f} ms, {summary['host_waits_per_step']:.0f} waits for the "
              f"device, {summary['scalar_reads_per_step']:.0f} scalar reads")
-    ops = summary.get("top_kernels", summary.get("top", []))[:top]
+    ops = (summary["top_kernels"] if "top_kernels" in summary else summary["top"])[:top]
     return [head] + [f"    {100 * op['share']:5.1f}%  {op['ms_per_step']:8.2f} ms  x{op['calls_per_step']:<5g} "
                      f"{op['name'][:90]}" for op in ops]

@@ -153,7 +153,13 @@ def setup(device_kind: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     if warning and info.local_rank == 0:  # once per node: a hang is what follows on the other nodes
         print(f"megabatch: warning: {warning}", file=sys.stderr, flush=True)
     if use_cuda:
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        if info.local_rank >= gpus:  # NCCL refuses two ranks on one GPU, with a message about NCCL
+            raise UserError(f"process {info.rank} is local rank {info.local_rank} on a node with {gpus} "
+                            f"GPU{'s' if gpus > 1 else ''}: start at most {gpus} process{'es' if gpus > 1 else ''} "
+                            f"per node (torchrun --nproc-per-node={gpus}), or train on the CPU with "
+                            f"--set train.device=cpu")
+        torch.cuda.set_device(info.local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=info.rank,
                             world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
     return info
@@ -220,9 +226,13 @@ def round_gradients(model: nn.Module, info: DistInfo, comm_dtype: str) -> None:
     dtype = COMM_DTYPES[comm_dtype]
     if dtype is None or info.distributed:
         return
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.copy_(p.grad.to(dtype))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    # Two multi-tensor copies (to comm_dtype and back) instead of two kernels per parameter.
+    narrow = [torch.empty_like(g, dtype=dtype) for g in grads]
+    torch._foreach_copy_(narrow, grads)
+    torch._foreach_copy_(grads, narrow)
 
 
 def same_on_all_ranks(value, info: DistInfo):

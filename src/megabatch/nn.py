@@ -123,14 +123,20 @@ class _GroupedBatchNorm(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], affine and ctx.needs_input_grad[1],
                 affine and ctx.needs_input_grad[2]]
         # PyTorch's BN backward has no kernel that writes into a given tensor: each group's
-        # input gradient is its own tensor, and one cat joins them (in x's memory format).
-        grads = [_BN_BACKWARD(gi, xi, weight, None, None, sm, si, True, ctx.eps, mask)
-                 for xi, gi, sm, si in zip(x.chunk(ctx.k), grad_y.chunk(ctx.k),
-                                           saved_mean.unbind(0), saved_invstd.unbind(0))]
-        grad_x, grad_weight, grad_bias = zip(*grads)
-        return (torch.cat(grad_x) if mask[0] else None,
-                torch.stack(grad_weight).sum(0) if mask[1] else None,
-                torch.stack(grad_bias).sum(0) if mask[2] else None, None, None)
+        # input gradient is copied into its slice of one tensor (in x's memory format) right
+        # after it is computed, while it is still in the cache (one cat at the end reads
+        # every group's gradient back from memory).
+        grad_x = torch.empty_like(x) if mask[0] else None
+        grad_weights, grad_biases = [], []
+        for i, (xi, gi, sm, si) in enumerate(zip(x.chunk(ctx.k), grad_y.chunk(ctx.k),
+                                                 saved_mean.unbind(0), saved_invstd.unbind(0))):
+            gx, gw, gb = _BN_BACKWARD(gi, xi, weight, None, None, sm, si, True, ctx.eps, mask)
+            if mask[0]:
+                grad_x[i * xi.shape[0]:(i + 1) * xi.shape[0]].copy_(gx)
+            grad_weights.append(gw)
+            grad_biases.append(gb)
+        return (grad_x, torch.stack(grad_weights).sum(0) if mask[1] else None,
+                torch.stack(grad_biases).sum(0) if mask[2] else None, None, None)
 
 
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
@@ -225,21 +231,33 @@ def step_statistics(model: nn.Module) -> Iterator[None]:
     stop a GPU's queue once per layer and step.)
     """
     layers = batch_norm_layers(model)
-    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in layers]
+    if not layers:
+        yield
+        return
+    means, variances, counts = ([getattr(m, name) for m in layers]
+                                for name in ("running_mean", "running_var", "num_batches_tracked"))
+    momenta = [m.momentum for m in layers]
+    # Multi-tensor copies and updates: a few kernels for all layers, not a few per layer
+    # (a ResNet-50's 53 layers would cost ~600 launches per step). x * 1 is an exact copy.
+    saved_means, saved_variances, saved_counts = (torch._foreach_mul(t, 1) for t in (means, variances, counts))
     for m in layers:
         m.momentum = None  # PyTorch's cumulative average over this step's passes
-        m.num_batches_tracked.zero_()
+    torch._foreach_zero_(counts)
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, (momentum, mean, var, count) in zip(layers, saved):
+            for m, momentum in zip(layers, momenta):
                 m.momentum = momentum
-                factor = 1.0 if momentum is None else momentum
-                m.running_mean.copy_(mean.lerp_(m.running_mean, factor))
-                m.running_var.copy_(var.lerp_(m.running_var, factor))
-                m.num_batches_tracked.copy_(count + (m.num_batches_tracked > 0).to(count.dtype))
+            for factor in set(1.0 if momentum is None else momentum for momentum in momenta):
+                group = [i for i, momentum in enumerate(momenta) if (1.0 if momentum is None else momentum) == factor]
+                for saved, current in ((saved_means, means), (saved_variances, variances)):
+                    torch._foreach_lerp_([saved[i] for i in group], [current[i] for i in group], factor)
+            torch._foreach_copy_(means, saved_means)
+            torch._foreach_copy_(variances, saved_variances)
+            # +1 where the layer counted a training pass in the block (0 or 1 after the clamp).
+            torch._foreach_add_(saved_counts, torch._foreach_clamp_max(counts, 1))
+            torch._foreach_copy_(counts, saved_counts)
 
 
 @torch.no_grad()

@@ -17,9 +17,12 @@ import megabatch
 
 
 def git_commit() -> str:
-    """The commit of the megabatch checkout, with "-dirty" for local changes. A copy
-    outside git (a source tree shipped to a cluster node) reports ``$MEGABATCH_GIT_COMMIT``,
-    which whoever copied it sets, or "unknown"."""
+    """The commit of the megabatch checkout, with "-dirty" for local changes, or "unknown"
+    for an installed copy outside git. ``$MEGABATCH_GIT_COMMIT``, when set, is what whoever
+    copied the source tree elsewhere (a cluster node, a lent GPU machine) says it is: it
+    wins, since such a copy may carry another commit's .git."""
+    if os.environ.get("MEGABATCH_GIT_COMMIT"):
+        return os.environ["MEGABATCH_GIT_COMMIT"]
     here = Path(megabatch.__file__).resolve().parent
 
     def git(*args: str) -> str:
@@ -30,7 +33,7 @@ def git_commit() -> str:
         commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("MEGABATCH_GIT_COMMIT", "unknown")
+        return "unknown"
     return commit + ("-dirty" if dirty else "")
 
 

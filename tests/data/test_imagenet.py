@@ -24,10 +24,14 @@ def tiny(tmp_path_factory, fashion_dir):
                                val_per_class=4, size=48)
 
 
-def steps_of(source, plan, epoch=0, augment=True):
+def steps_of(source, plan, epoch=0, augment=True, device="cpu"):
     return [[(x.clone(), y.clone()) for x, y in step]
             for step in source.training_batches(plan.epoch(epoch_order(0, epoch, len(source)), epoch),
-                                                0, augment, torch.device("cpu"))]
+                                                0, augment, torch.device(device))]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device: nvJPEG is not run"))]
 
 
 def test_classes_are_sorted_like_torchvision_imagefolder(tiny):
@@ -176,24 +180,26 @@ def test_a_folder_holds_out_validation_files_with_their_labels(tiny):
     assert held.classes == train.classes and held.decoder == train.decoder
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("decoder", ["pil", "device"])
-def test_odd_files_decode_and_damaged_ones_are_replaced(tiny, tmp_path, decoder):
+def test_odd_files_decode_and_damaged_ones_are_replaced(tiny, tmp_path, decoder, device):
     # What a real ImageNet copy holds (CMYK, greyscale, a PNG named .JPEG, tiny and large
-    # images) trains; a truncated and an empty file are counted and replaced, nothing else.
+    # images) trains; a truncated and an empty file are counted and replaced, nothing else;
+    # with the device decoder on a GPU, by nvJPEG and its fallbacks.
     import shutil
 
     copy = shutil.copytree(tiny, tmp_path / "odd")
     odd = tiny_imagenet.add_odd_files(copy)
     train, _ = imagenet.load(copy, SIZE, 40, decoder=decoder, workers=0)
     assert len(train) == 64 + len(odd)
-    steps = steps_of(train, BatchPlan.create(71, 71, 71))
+    steps = steps_of(train, BatchPlan.create(71, 71, 71), device=device)
     [[(x, y)]] = steps
-    assert x.shape == (71, 3, SIZE, SIZE) and torch.isfinite(x).all()
+    assert x.shape == (71, 3, SIZE, SIZE) and x.device.type == device and torch.isfinite(x).all()
     assert sorted(train.take_unreadable()) == sorted(str(odd[k]) for k in tiny_imagenet.ODD_UNREADABLE)
     # Evaluation (resize and center crop) reads every readable odd file too.
     readable = [(str(odd[k]), 0) for k in tiny_imagenet.ODD_READABLE]
     source = imagenet.ImageFolderSource(readable, list(train.classes), SIZE, 40, decoder, workers=0)
-    [(x, y)] = list(source.evaluation_batches(0, len(readable), len(readable), torch.device("cpu")))
+    [(x, y)] = list(source.evaluation_batches(0, len(readable), len(readable), torch.device(device)))
     assert x.shape == (5, 3, SIZE, SIZE) and source.take_unreadable() == []
 
 
