@@ -75,12 +75,17 @@ def test_channels_last_input_gives_the_same_result():
     torch.testing.assert_close(last.running_var, plain.running_var, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("join", ["in cache", "cat"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("affine", [True, False])
-def test_compiled_formulation_equals_the_eager_one(layout, affine):
+def test_compiled_formulation_equals_the_eager_one(layout, affine, join, monkeypatch):
     """Under torch.compile the layer regroups and calls F.batch_norm once; eagerly it runs
-    PyTorch's kernel on each group in place. Outputs, statistics and gradients agree."""
+    PyTorch's kernel on each group in place, joining the groups' input gradients either
+    in place (CPU) or with one cat (GPU). Outputs, statistics and gradients agree."""
+    from megabatch import nn as megabatch_nn
     from megabatch.nn import _GroupedBatchNorm, _regrouped_batch_norm
+
+    monkeypatch.setattr(megabatch_nn, "JOIN_IN_CACHE_ON", ("cpu",) if join == "in cache" else ())
 
     k = 4
     upstream = torch.randn(k * B, C, 5, 4, dtype=torch.float64)

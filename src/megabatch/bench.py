@@ -405,18 +405,22 @@ def run(args: argparse.Namespace) -> int:
         ends = []
         for pipeline in dict.fromkeys([on_device, reading]):
             print(f"end to end (from the JPEG folder; {pipeline.name(device)})")
-            e2e = time_megabatch(s, best, s.per_worker_batch, tmp / "e2e", (root, pipeline.decoder, pipeline.workers))
+            e2e = time_megabatch(s, best, s.per_worker_batch, tmp / "e2e", (root, pipeline.decoder, pipeline.workers),
+                                 profile=s.profile)
             if "peak_memory_bytes" not in e2e:
                 e2e["peak_memory_bytes"] = peak_rss_bytes()
             print(row(best.name, e2e, best_plain["images_per_s"], mfu(e2e, best.precision)))
             print(f"  peak memory {e2e['peak_memory_bytes'] / 2 ** 30:.2f} GiB "
                   f"({'torch.cuda.max_memory_allocated' if s.device != 'cpu' else 'peak RSS of the process'})")
+            if "profile" in e2e:
+                print("\n".join(bench_profile.lines(f"{best.name}, end to end", e2e["profile"], top=3)))
             ends.append({"name": best.name, "decoder": pipeline.decoder, "workers": pipeline.workers,
                          "images_per_s": e2e["images_per_s"], "spread": e2e["spread"], "batch_size": s.batch,
                          "ratio_to_plain": e2e["images_per_s"] / best_plain["images_per_s"],
                          "peak_memory_bytes": e2e["peak_memory_bytes"],
                          "peak_memory_is": "torch.cuda.max_memory_allocated" if s.device != "cpu"
-                         else "peak RSS of the whole process (resource.getrusage)", "mfu": mfu(e2e, best.precision)})
+                         else "peak RSS of the whole process (resource.getrusage)", "mfu": mfu(e2e, best.precision),
+                         **({"profile": e2e["profile"]} if "profile" in e2e else {})})
             result["end_to_end_by_decoder"] = ends
             save()
         end = max(ends, key=lambda e: e["images_per_s"])
