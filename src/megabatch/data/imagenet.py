@@ -169,9 +169,13 @@ def decode_jpeg_on(data: torch.Tensor, device: torch.device) -> torch.Tensor | N
         return None
 
 
-def collate(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, list[str], list[Item]]:
+def collate(batch: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, list[str], list[Item]]:
+    """The loader's batch: ``"pil"`` images stacked here, in the worker (and then pinned),
+    not in the training process; ``"device"`` file bytes (of any length) as a list."""
     images, labels, bad, items = zip(*batch)
-    return list(images), torch.tensor(labels), [p for paths in bad for p in paths], list(items)
+    same = all(i.shape == images[0].shape and i.dim() == 3 for i in images)
+    return (torch.stack(images) if same else list(images)), torch.tensor(labels), \
+        [p for paths in bad for p in paths], list(items)
 
 
 class ImageFolderSource:
@@ -194,14 +198,14 @@ class ImageFolderSource:
                           pin_memory=torch.cuda.is_available(), persistent_workers=False,
                           prefetch_factor=4 if self.workers else None)
 
-    def _to_device(self, images: list[torch.Tensor], labels: torch.Tensor, bad: list[str],
+    def _to_device(self, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, bad: list[str],
                    items: list[Item], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         self.unreadable += bad
         if self.decoder == "device":
             decoded, labels = self._decode_all(images, labels, items, device)
             x = torch.stack([self._decode_on_device(data, item, device) for data, item in zip(decoded, items)])
-        else:
-            x = torch.stack(images).to(device, non_blocking=True)
+        else:  # stacked by the loader's worker (collate)
+            x = (images if isinstance(images, torch.Tensor) else torch.stack(images)).to(device, non_blocking=True)
         # (torch.tensor(..., device=cuda) would be a blocking copy: the host waiting for the GPU)
         mean = torch.tensor(MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)
         std = torch.tensor(STD).view(1, 3, 1, 1).to(device, non_blocking=True)
