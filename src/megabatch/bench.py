@@ -3,9 +3,10 @@
 ``--model small-cnn`` measures the demo recipe's step against a plain PyTorch loop
 (:mod:`megabatch.bench_small`). For ResNet-50 (the default), one process measures:
 
-* the train step: megabatch's own :func:`~megabatch.train.train_step` on a Run that
-  :func:`~megabatch.build.build_run` builds from the paper's recipe (emulated workers, ghost
-  BN, RMSprop warm-up, fp16 gradient rounding), on synthetic images already on the device,
+* the train step (:mod:`megabatch.bench_steps`): megabatch's own
+  :func:`~megabatch.train.train_step` on a Run that :func:`~megabatch.build.build_run`
+  builds from the paper's recipe (emulated workers, ghost BN, RMSprop warm-up, fp16
+  gradient rounding), on synthetic images already on the device,
   for each precision x memory format (x torch.compile of the fastest), each beside a plain
   PyTorch loop at the same precision, memory format and compile setting (torchvision
   ResNet-50, nn.BatchNorm2d, momentum SGD, a GradScaler in fp16): the ratio prices
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,10 +40,10 @@ from pathlib import Path
 from megabatch import bench_profile
 from megabatch.bench_flags import at_least, wants_gpu
 from megabatch.bench_report import COLUMNS, output_path, row, time_lines, where_the_time_goes
-from megabatch.bench_timing import measure, peak_rss_bytes, release
+from megabatch.bench_steps import RECIPE, Config, plain_name, time_megabatch, time_plain
+from megabatch.bench_timing import measure, peak_rss_bytes
 from megabatch.errors import UserError
 
-RECIPE = "paper-resnet50-imagenet-32k"
 FLOP_PER_IMAGE_224 = 24.5e9  # ResNet-50: 4.1 GMAC forward = 8.2 GFLOP, backward twice that
 GHOST_GROUP = 32  # the paper's images per worker
 
@@ -99,17 +99,6 @@ class Settings:
     note: str
 
 
-@dataclass(frozen=True)
-class Config:
-    precision: str
-    memory_format: str
-    compile: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"megabatch {self.precision} {self.memory_format} {'compiled' if self.compile else 'eager'}"
-
-
 def settings(args: argparse.Namespace) -> Settings:
     """The flags checked, with the defaults of the device filled in."""
     import torch
@@ -158,118 +147,6 @@ def choices(value: str | None, flag: str, allowed: tuple[str, ...], default: tup
     if bad or not picked:
         raise UserError(f"--{flag} {value!r}: give a comma-separated list of {', '.join(allowed)}")
     return picked
-
-
-def megabatch_run(s: Settings, config: Config, per_worker: int, out: Path, jpegs: tuple | None = None):
-    """A Run of the paper's recipe at this batch, on synthetic images (moved to the device
-    beforehand) or, with ``jpegs`` = (folder, decoder, workers), on a JPEG folder."""
-    from megabatch import bench_input, recipe as recipes
-    from megabatch.data.images import ImageTensors
-    from megabatch.progress import Progress
-    from megabatch.build import build_run
-    from megabatch.schedules import recipe_values
-    from megabatch.train import set_hyperparameters
-
-    b = s.batch
-    values = {"batch.global_batch": b, "batch.micro_batch": b, "batch.per_worker_batch": per_worker,
-              "train.precision": config.precision, "train.memory_format": config.memory_format,
-              "train.compile": config.compile, "train.device": s.device.split(":")[0]}
-    if jpegs is None:
-        values.update({"data.dataset": "synthetic", "data.synthetic_size": [2 * b, b, s.image_size, 3, 1000]})
-    else:
-        values.update({"data.image_size": s.image_size, "data.resize_size": bench_input.resize_size(s.image_size),
-                       "data.decoder": jpegs[1], "data.workers": jpegs[2]})
-    recipe = recipes.load(RECIPE, values=values)
-    run = build_run(recipe, str(jpegs[0]) if jpegs else None, out, Progress(1, 1, enabled=False))
-    d = run.train_data
-    if jpegs is None:  # time the step, not host-to-device copies
-        run.train_data = ImageTensors(d.images.to(run.device), d.labels.to(run.device), d.mean, d.std, d.classes)
-    else:  # one epoch lasts the whole measurement: the loader's workers start once
-        run.train_data = bench_input.repeated(d, b * (s.warmup + 2 + s.repeats * s.steps))
-    set_hyperparameters(run.optimizer, *recipe_values(recipe, 0.0, run.steps_per_epoch))
-    return run
-
-
-def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpegs: tuple | None = None,
-                   profile: bool = False) -> dict:
-    """The real megabatch step, timed: ``train_step`` on the Run's own micro-batches
-    (and, with ``profile``, profiled for a few more steps)."""
-    from megabatch import bench_input
-    from megabatch.train import train_step
-
-    run = megabatch_run(s, config, per_worker, out, jpegs)
-    feed = bench_input.steps(run.train_data, run.plan, run.device, run.recipe.data.augment, run.recipe.train.seed)
-    losses = []
-
-    def step() -> None:
-        losses.append(train_step(run, next(feed)).loss)
-
-    # Compilation happens in the first calls: never timed.
-    result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
-    if profile:
-        result["profile"] = bench_profile.profile_steps(step, s.device)
-    feed.close()
-    bad = sum(not loss == loss or abs(loss) == float("inf") for loss in losses)
-    if bad:
-        result["non_finite_losses"] = bad
-        print(f"warning: {config.name}: {bad} non-finite losses (those steps skip the optimizer)", file=sys.stderr)
-    del run
-    release()
-    return result
-
-
-def plain_name(config: Config) -> str:
-    return f"plain PyTorch {config.precision} {config.memory_format} {'compiled' if config.compile else 'eager'}"
-
-
-def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
-    """A user's own loop at ``config``'s precision, memory format and compile setting:
-    torchvision ResNet-50, nn.BatchNorm2d over the whole batch, momentum SGD (PyTorch's
-    default foreach path), autocast and, in fp16, a GradScaler; cuDNN autotuning as in
-    megabatch's runs. Nothing of megabatch's emulation: the ratio prices it alone."""
-    import torch
-    import torch.nn.functional as F
-    import torchvision
-
-    from megabatch import recipe as recipes
-    from megabatch.build import AUTOCAST_DTYPES, memory_format
-    from megabatch.data import synthetic
-
-    torch.manual_seed(0)
-    layout = memory_format(config.memory_format)
-    model = torchvision.models.resnet50().to(s.device, memory_format=layout)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * s.batch / 256, momentum=0.9)
-    net = torch.compile(model) if config.compile else model
-    dtype = AUTOCAST_DTYPES[config.precision]
-    device_type = torch.device(s.device).type
-    scaler = torch.amp.GradScaler(device_type) if config.precision == "fp16" else None
-    train, _ = synthetic.make(s.batch, 1, s.image_size, 3, 1000)
-    x, y = train.batch(torch.arange(s.batch), s.device)
-    x = x.contiguous(memory_format=layout)
-
-    def step() -> None:
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(net(x), y)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad()
-
-    autotune = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = recipes.load(RECIPE).train.cudnn_benchmark
-    try:
-        result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
-        if profile:
-            result["profile"] = bench_profile.profile_steps(step, s.device)
-    finally:
-        torch.backends.cudnn.benchmark = autotune
-    del model, net, optimizer
-    release()
-    return result
 
 
 def matmul_flops(s: Settings, precision: str) -> float:
