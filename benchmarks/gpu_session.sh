@@ -50,7 +50,13 @@ if [ ! -e /usr/share/datasets/fashion-mnist ] && [ -w /usr/share ] && [ -d "$fas
   mkdir -p /usr/share/datasets && ln -s "$fashion" /usr/share/datasets/fashion-mnist
 fi
 spec=${STUDY_SPEC:-fashion-mnist-paper-budget-tuned}
-folder=study-$spec-gpu${quick:+-quick}
+# The folder the CPU sessions' study runs share (each run's run.json records its machines).
+case $spec in
+fashion-mnist-paper-budget-tuned) folder=study-fashion-mnist-90-tuned ;;
+fashion-mnist-paper-budget) folder=study-fashion-mnist-90 ;;
+*) folder=study-$spec ;;
+esac
+[ -n "$quick" ] && folder=$folder-quick
 
 say() { printf '\n=== %s\n' "$*"; }
 # run NAME SECONDS COMMAND...: time-limited, logged to $out/logs/NAME.log; its status to NAME.rc
