@@ -180,6 +180,31 @@ def test_a_layer_without_a_training_pass_in_the_step_is_left_as_it_was(momentum)
     assert int(trained.num_batches_tracked) == 2
 
 
+def test_step_statistics_costs_the_same_few_calls_for_any_number_of_layers():
+    # Multi-tensor copies and updates: on a GPU each call is a kernel launch, and a
+    # ResNet-50's 53 layers must not cost 53 times the launches of one.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for layers in (2, 53):
+        model = torch.nn.Sequential(*[ghost(0.1) for _ in range(layers)])
+        with Count() as counted:
+            with step_statistics(model):
+                pass
+        counts[layers] = counted.calls
+        assert torch.ops.aten._local_scalar_dense.default not in counted.calls  # no host reads
+    assert len(counts[2]) == len(counts[53]) <= 12, counts[53]
+
+
 def test_moving_average_is_pytorchs_update_of_the_workers_average():
     x = workers_input(3)
     layer = ghost(0.1)

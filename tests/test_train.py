@@ -17,7 +17,7 @@ from megabatch.nn import batch_norm_layers
 from megabatch.progress import Progress
 from megabatch.provenance import cpu_summary
 from megabatch.build import build_optimizer, build_run, configure_backends
-from megabatch.train import recompute_bn_statistics, set_hyperparameters, train_one_epoch
+from megabatch.train import recompute_bn_statistics, set_hyperparameters, train_one_epoch, train_step
 from megabatch.schedules import recipe_values
 
 # The demo computes in bf16 where the CPU has it: these compare in fp32, and on the CPU also
@@ -115,6 +115,32 @@ def test_a_cuda_run_computes_what_the_cpu_run_does(tmp_path, fashion_dir, float6
         results[device] = {k: v.cpu() for k, v in state_of(run.model).items()}
     for key, value in results["cpu"].items():
         torch.testing.assert_close(results["cuda"][key], value, rtol=1e-7, atol=1e-9, msg=lambda m: f"{key}: {m}")
+
+
+def test_a_step_reads_no_tensor_on_the_host_but_its_loss(tmp_path, fashion_dir):
+    # On a GPU every read of a tensor's value on the host (.item(), int(), a blocking copy)
+    # waits for the device and stalls its queue: a step may read only the agreed loss (one
+    # .tolist(), which does not dispatch here). Counted on the CPU by the dispatcher.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads, self.ops = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            self.reads += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    run = quiet_run(tmp_path, ["batch.global_batch=128", "batch.micro_batch=64", "train.max_steps=2",
+                               "data.augment=true"])
+    batches = run.train_data.training_batches(run.plan.epoch(epoch_order(0, 0, len(run.train_data)), 0),
+                                              0, True, run.device)
+    train_step(run, next(batches))  # the optimizer's state is created in the first step
+    with Reads() as counted:
+        train_step(run, next(batches))
+    assert counted.reads == 0 and counted.ops > 100  # (the mode saw the step)
 
 
 def test_paper_scale_1024_workers_run_with_memory_bounded_by_micro_batch(tmp_path, fashion_dir):
