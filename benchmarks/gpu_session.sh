@@ -147,7 +147,10 @@ study() {
   [ -n "$quick" ] && reduced+=(--epochs 1 --set data.train_subset=9216 --set data.validation_images=1024
                                --set data.test_subset=500 --set train.max_steps=2)
   # --preserve-status: at the limit timeout's SIGTERM makes the study checkpoint and exit 75.
-  run study $((seconds + 60)) timeout --preserve-status "$seconds" "$py" -m megabatch study --spec "$spec" \
+  if [ "$seconds" -le 30 ]; then
+    echo "124 0" >"$out/logs/study.rc"; echo "--- study: skipped, ${seconds} s left"; return 124
+  fi
+  run study $((seconds + 60)) timeout --preserve-status --kill-after=20 "$seconds" "$py" -m megabatch study --spec "$spec" \
       --parallel "${PARALLEL:-8}" --data "$fashion" --out "$out/$folder" "${reduced[@]}"
 }
 
@@ -185,6 +188,9 @@ summary() {
 }
 
 start=$SECONDS
+# `all`: nothing starts past the deadline, BUDGET seconds after this line less 45 for the
+# summary and the packing (and a killed command's last 20 s).
+[ "$part" = all ] && export DEADLINE=$(( $(date +%s) + ${BUDGET:-570} - 45 ))
 machine
 case $part in
 bench) bench ;;
@@ -192,9 +198,7 @@ checks) checks ;;
 tests) tests ;;
 study) study ;;
 all)
-  # The bench alone on the GPU (its figures), then the rest side by side until the
-  # deadline, BUDGET seconds after the start less half a minute for the summary and packing.
-  export DEADLINE=$(( $(date +%s) + ${BUDGET:-570} - 30 ))
+  # The bench alone on the GPU (its figures), then the rest side by side until the deadline.
   bench
   for after in ${AFTER_BENCH:-checks tests}; do
     case $after in

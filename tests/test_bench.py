@@ -100,7 +100,8 @@ def test_quick_run_says_where_the_time_goes(quick):
     path, printed = quick
     result = json.loads(path.read_text())
     summary = result["where_the_time_goes"]
-    fastest = max(result["train_step"], key=lambda entry: entry["images_per_s"])
+    # The fastest eager setting: the one end to end ran with (--quick has no compiled one).
+    fastest = max((e for e in result["train_step"] if not e["compile"]), key=lambda entry: entry["images_per_s"])
     assert summary["train_step_images_per_s"] == fastest["images_per_s"]
     assert summary["ratio_to_plain"] == pytest.approx(fastest["ratio_to_plain"])
     assert summary["input_pipeline_images_per_s"] == max(e["images_per_s"] for e in result["input_pipeline"])

@@ -118,9 +118,9 @@ def test_more_processes_than_gpus_on_a_node_is_a_clear_error(monkeypatch):
     # Two ranks on one GPU: NCCL would refuse them with a message about NCCL; ours says what to do.
     from megabatch import distributed
 
-    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29500", "LOCAL_WORLD_SIZE": "2"}.items():
-        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed.os, "environ", {
+        "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+        "LOCAL_WORLD_SIZE": "2"})
     monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
@@ -128,6 +128,24 @@ def test_more_processes_than_gpus_on_a_node_is_a_clear_error(monkeypatch):
                                         r"1 process per node \(torchrun --nproc-per-node=1\), or train on "
                                         r"the CPU with --set train.device=cpu"):
         distributed.setup("auto")
+
+
+def test_srun_tasks_bound_to_their_own_gpu_wrap_around_it(monkeypatch):
+    # srun --gpus-per-task=1: local rank 3 of 8 sees one GPU, its own.
+    from megabatch import distributed
+
+    # setup() writes RANK and WORLD_SIZE into the environment: give it one of its own.
+    monkeypatch.setattr(distributed.os, "environ", {
+        "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500", "SLURM_NNODES": "1"})
+    chosen, joined = [], []
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **k: joined.append(backend))
+    info = distributed.setup("auto")
+    assert (info.rank, info.local_rank, info.launcher) == (3, 3, "srun")
+    assert chosen == [0] and joined == ["nccl"]
 
 
 @pytest.mark.parametrize("nodelist, host", [

@@ -154,12 +154,16 @@ def setup(device_kind: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
         print(f"megabatch: warning: {warning}", file=sys.stderr, flush=True)
     if use_cuda:
         gpus = torch.cuda.device_count()
-        if info.local_rank >= gpus:  # NCCL refuses two ranks on one GPU, with a message about NCCL
+        # torchrun gives every process all of the node's GPUs, so a local rank past them
+        # would share one, which NCCL refuses with a message about NCCL. srun and mpirun
+        # setups often bind each process to its own GPU(s) (--gpus-per-task, a wrapper
+        # setting CUDA_VISIBLE_DEVICES): there local ranks wrap around what a process sees.
+        if info.launcher == "torchrun" and info.local_rank >= gpus:
             raise UserError(f"process {info.rank} is local rank {info.local_rank} on a node with {gpus} "
                             f"GPU{'s' if gpus > 1 else ''}: start at most {gpus} process{'es' if gpus > 1 else ''} "
                             f"per node (torchrun --nproc-per-node={gpus}), or train on the CPU with "
                             f"--set train.device=cpu")
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(info.local_rank % gpus)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=info.rank,
                             world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
     return info

@@ -59,13 +59,18 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        if not self.training or self.group_size is None or n == self.group_size:
+        if not self.training:
             return super().forward(x)
-        if n % self.group_size:
+        if self.group_size is not None and n % self.group_size:
             raise ValueError(
                 f"batch of {n} images does not split into groups of {self.group_size}"
             )
-        k = n // self.group_size
+        k = 1 if self.group_size is None else n // self.group_size
+        # One group is PyTorch's own layer, except for a cumulative average (momentum None,
+        # as inside step_statistics): PyTorch's reads its counter on the host for it, which
+        # waits for a GPU; the grouped path below keeps the count on the device.
+        if k == 1 and self.momentum is not None:
+            return super().forward(x)
         if torch.compiler.is_compiling():
             # Inductor fuses the regrouping into its own kernels.
             y, mean, var = _regrouped_batch_norm(x, self.weight, self.bias, k, self.eps)

@@ -70,7 +70,8 @@ def train_step(run: Run, micro_batches: Iterable[Batch]) -> StepResult:
             total += loss.detach()
     # One all-reduce per step agrees on the loss (all processes stop together on a NaN),
     # on a stop request, and on the noise-scale norms.
-    stop = torch.tensor(float(run.stop_requested()), device=run.device)
+    # torch.full, not torch.tensor(..., device=): a fill kernel, not a copy that waits for a GPU.
+    stop = torch.full((), float(run.stop_requested()), device=run.device)
     agreement = torch.stack([total, stop, *pieces.norms()])
     # Queued before the host waits for the loss (.tolist()), so that a GPU is still busy
     # with them meanwhile; a non-finite loss stops the run, whatever the rounding did.
@@ -239,7 +240,7 @@ def save_checkpoint(run: Run, epochs_done: int) -> None:
         except CheckpointWriteError as e:
             failure = e
     if run.dist.distributed:
-        failed = all_reduce_sum(torch.tensor(float(failure is not None), device=run.device), run.dist).item()
+        failed = all_reduce_sum(torch.full((), float(failure is not None), device=run.device), run.dist).item()
         if failed and failure is None:
             raise CheckpointWriteError(f"rank 0 could not write the checkpoint of iteration {run.iteration} "
                                        f"(its own message says why); stopping with it")
@@ -299,7 +300,7 @@ def report_unreadable(run: Run, epoch: int, metrics: dict[str, Any]) -> None:
     """Count (over all processes) and name the images the data sources could not read."""
     sources = (run.train_data, run.test_data, run.validation_data)
     unreadable = [path for source in sources if source is not None for path in source.take_unreadable()]
-    count = int(all_reduce_sum(torch.tensor(float(len(unreadable)), device=run.device), run.dist))
+    count = int(all_reduce_sum(torch.full((), float(len(unreadable)), device=run.device), run.dist))
     if count:
         metrics["unreadable_images"] = count
         example = f" (e.g. {unreadable[0]})" if unreadable else ""

@@ -4,6 +4,7 @@ unreadable images, and ResNet-50 end to end on a tiny ImageNet of real JPEGs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,7 +214,7 @@ def test_the_script_writes_the_odd_files(tmp_path, fashion_dir, capsys):
     old, sys.argv = sys.argv, argv
     try:
         with pytest.raises(SystemExit) as exit_:
-            runpy.run_path("scripts/make_tiny_imagenet.py", run_name="__main__")
+            runpy.run_path(str(Path(__file__).parents[2] / "scripts" / "make_tiny_imagenet.py"), run_name="__main__")
     finally:
         sys.argv = old
     assert exit_.value.code == 0

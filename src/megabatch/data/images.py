@@ -74,13 +74,14 @@ class ImageTensors:
               augmentation: Augmentation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``index`` as normalized tensors of the default float dtype on ``device``,
         with their labels."""
-        # Indices go where the images are without waiting for the GPU (images kept on it).
-        index = index.to(self.images.device, non_blocking=True)
-        x = self.images[index].to(device, non_blocking=True).to(torch.get_default_dtype()).div_(255.0)
+        # Indices go where the images and labels are without waiting for the GPU (kept on it).
+        on_images = index.to(self.images.device, non_blocking=True)
+        x = self.images[on_images].to(device, non_blocking=True).to(torch.get_default_dtype()).div_(255.0)
         if augmentation is not None:
             x = augmentation.apply(x)
         x = x.sub_(self.mean).div_(self.std)
-        return x, self.labels[index.to(self.labels.device, non_blocking=True)].to(device, non_blocking=True)
+        on_labels = index.to(self.labels.device, non_blocking=True)
+        return x, self.labels[on_labels].to(device, non_blocking=True)
 
     def training_batches(self, steps: Iterable[StepIndices], seed: int, augment: bool,
                          device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
