@@ -34,18 +34,17 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from megabatch import bench_profile
-from megabatch.bench_flags import at_least, wants_gpu
 from megabatch.bench_report import COLUMNS, output_path, row, time_lines, where_the_time_goes
+from megabatch.bench_settings import Settings, settings
 from megabatch.bench_steps import RECIPE, Config, plain_name, time_megabatch, time_plain
 from megabatch.bench_timing import measure, peak_rss_bytes
 from megabatch.errors import UserError
 
 FLOP_PER_IMAGE_224 = 24.5e9  # ResNet-50: 4.1 GMAC forward = 8.2 GFLOP, backward twice that
-GHOST_GROUP = 32  # the paper's images per worker
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -80,73 +79,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="folder of the result [small-cnn-]<device>-<date>.json (benchmarks/results)")
     add("--quick", action="store_true", help="a tiny run for tests (resnet50: 32x32, batch 8, one step, fp32 only; "
                                              "small-cnn: batch 128 in micro-batches of 64, one step)")
-
-
-@dataclass(frozen=True)
-class Settings:
-    device: str  # "cuda:0" or "cpu"
-    image_size: int
-    batch: int
-    steps: int
-    warmup: int
-    repeats: int
-    per_worker_batch: int  # images per emulated worker (ghost-BN group) in the megabatch steps
-    precisions: tuple[str, ...]
-    memory_formats: tuple[str, ...]
-    compile: bool
-    profile: bool
-    quick: bool
-    note: str
-
-
-def settings(args: argparse.Namespace) -> Settings:
-    """The flags checked, with the defaults of the device filled in."""
-    import torch
-
-    gpu = wants_gpu(args.device)
-
-    def pick(value: int | None, flag: str, quick: int, on_gpu: int, on_cpu: int, least: int = 1) -> int:
-        return at_least(value if value is not None else quick if args.quick else on_gpu if gpu else on_cpu,
-                        flag, least)
-
-    size = pick(args.image_size, "image-size", 32, 224, 64, least=32)  # ResNet-50 halves it 5 times
-    batch = pick(args.batch, "batch", 8, 256, 32, least=4)
-    steps, repeats = pick(args.steps, "steps", 1, 20, 5), pick(args.repeats, "repeats", 1, 5, 3)
-    warmup = pick(args.warmup, "warmup", 0, 3, 1, least=0)
-    group = min(GHOST_GROUP, batch // 2)  # at least two workers, so that ghost BN is really on
-    while batch % group:
-        group -= 1
-    if group < 2:
-        raise UserError(f"--batch {batch} does not split into emulated workers of 2 or more images: "
-                        f"give an even batch")
-    if gpu:
-        note = "" if (size, batch) == (224, 256) else f"GPU at image size {size} and batch {batch} (not 224 and 256)"
-    else:
-        note = (f"no GPU{' used (--device cpu)' if torch.cuda.is_available() else ''}: measured on the CPU at "
-                f"image size {size} and batch {batch} (224 and 256 on a GPU); not comparable with GPU results")
-    if args.quick:
-        note += "; --quick: a tiny run for tests, not a measurement"
-    precisions = choices(args.precisions, "precisions", ("fp32", "bf16", "fp16"),
-                         ("fp32",) if args.quick else ("fp32", "bf16", "fp16") if gpu else ("fp32", "bf16"))
-    formats = choices(args.memory_formats, "memory-formats", ("contiguous", "channels_last"),
-                      ("contiguous",) if args.quick else ("contiguous", "channels_last"))
-    return Settings(
-        device="cuda:0" if gpu else "cpu", image_size=size, batch=batch, steps=steps, warmup=warmup,
-        repeats=repeats, per_worker_batch=group, precisions=precisions, memory_formats=formats,
-        compile=args.compile if args.compile is not None else gpu and not args.quick,
-        profile=args.profile if args.profile is not None else gpu and not args.quick,
-        quick=args.quick, note=note.lstrip("; "))
-
-
-def choices(value: str | None, flag: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
-    """A comma-separated ``--flag`` list checked against ``allowed`` (``default`` when not given)."""
-    if value is None:
-        return default
-    picked = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    bad = [v for v in picked if v not in allowed]
-    if bad or not picked:
-        raise UserError(f"--{flag} {value!r}: give a comma-separated list of {', '.join(allowed)}")
-    return picked
 
 
 def matmul_flops(s: Settings, precision: str) -> float:

@@ -15,7 +15,7 @@ from megabatch import bench_profile
 from megabatch.bench_timing import measure, release
 
 if TYPE_CHECKING:
-    from megabatch.bench import Settings
+    from megabatch.bench_settings import Settings
 
 RECIPE = "paper-resnet50-imagenet-32k"
 
