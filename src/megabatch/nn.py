@@ -263,8 +263,9 @@ def step_statistics(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for m, momentum in zip(layers, momenta):
                 m.momentum = momentum
-            for factor in set(1.0 if momentum is None else momentum for momentum in momenta):
-                group = [i for i, momentum in enumerate(momenta) if (1.0 if momentum is None else momentum) == factor]
+            factors = [1.0 if momentum is None else momentum for momentum in momenta]
+            for factor in set(factors):  # one multi-tensor update per momentum (usually one)
+                group = [i for i, f in enumerate(factors) if f == factor]
                 for saved, current in ((saved_means, means), (saved_variances, variances)):
                     torch._foreach_lerp_([saved[i] for i in group], [current[i] for i in group], factor)
             torch._foreach_copy_(means, saved_means)
