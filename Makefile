@@ -19,12 +19,13 @@ test: install data
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(wildcard src/megabatch/csrc/*.cpp)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch, torchvision" 2>/dev/null || { \
 	  echo "installing $(TORCH_PINS) into $(VENV)"; \
 	  $(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PINS); }
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@$(PY) -m megabatch.kernels || echo "megabatch: running without its C++ kernel (ghost BN slower on several threads)"
 	@touch $@
 
 data:

@@ -28,7 +28,7 @@
 # the study into benchmarks/results/ and commit it.
 #
 # It runs megabatch from source (PYTHONPATH=src) with whatever torch the machine has
-# (torch 2.11 on the lent H100/H200) and installs nothing. The copy there has no .git:
+# (torch 2.11 on the lent H100/H200) and installs nothing but the carried ninja wheel. The copy there has no .git:
 # give the commit as MEGABATCH_GIT_COMMIT=$(git rev-parse HEAD) for the results' provenance. On a lent machine (see
 # .library/device/README.md), Fashion-MNIST travels beside the repository; here, once:
 #   mkdir -p .carry && cp -r /usr/share/datasets/fashion-mnist .carry/ && echo /.carry/ >> .git/info/exclude
@@ -49,6 +49,13 @@ fashion=$PWD/.carry/fashion-mnist
 if [ ! -e /usr/share/datasets/fashion-mnist ] && [ -w /usr/share ] && [ -d "$fashion" ]; then
   mkdir -p /usr/share/datasets && ln -s "$fashion" /usr/share/datasets/fashion-mnist
 fi
+# megabatch's C++ kernel (ghost BN's groups side by side on a CPU's threads) needs ninja, carried
+# as a wheel (.carry/wheels: `pip download ninja --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .carry/wheels`), and a C++ compiler. Where either is
+# missing, its Python form runs (the same numbers) and the kernel's own tests skip.
+"$py" -c "import ninja" 2>/dev/null || { [ -d .carry/wheels ] &&
+  "$py" -m pip install -q --no-index --find-links .carry/wheels ninja >"$out/logs/ninja.log" 2>&1; }
+"$py" -m megabatch.kernels >"$out/logs/kernels.log" 2>&1 || export MEGABATCH_NO_KERNELS=1
 spec=${STUDY_SPEC:-fashion-mnist-paper-budget-tuned}
 # The folder the CPU sessions' study runs share (each run's run.json records its machines).
 case $spec in

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torchvision
 from torch import nn
 
+from megabatch import kernels
 from megabatch.distributed import DistInfo
 from megabatch.nn import (GhostBatchNorm2d, average_bn_stats, convert_to_ghost_bn, set_bn_mode,
                           step_statistics, use_last_batch_stats)
@@ -75,17 +76,24 @@ def test_channels_last_input_gives_the_same_result():
     torch.testing.assert_close(last.running_var, plain.running_var, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("join", ["in cache", "cat"])
+@pytest.mark.parametrize("eager", ["C++ kernel", "in cache", "cat"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("affine", [True, False])
-def test_compiled_formulation_equals_the_eager_one(layout, affine, join, monkeypatch):
+def test_compiled_formulation_equals_the_eager_one(layout, affine, eager, monkeypatch):
     """Under torch.compile the layer regroups and calls F.batch_norm once; eagerly it runs
-    PyTorch's kernel on each group in place, joining the groups' input gradients either
-    in place (CPU) or with one cat (GPU). Outputs, statistics and gradients agree."""
+    PyTorch's kernel on each group in place: from C++ with the groups side by side (CPU), or
+    from Python, joining the groups' input gradients in place (CPU without the kernel) or
+    with one cat (GPU). Outputs, statistics and gradients agree."""
     from megabatch import nn as megabatch_nn
     from megabatch.nn import _GroupedBatchNorm, _regrouped_batch_norm
 
-    monkeypatch.setattr(megabatch_nn, "JOIN_IN_CACHE_ON", ("cpu",) if join == "in cache" else ())
+    if eager == "C++ kernel":
+        if kernels.disabled():
+            pytest.skip("MEGABATCH_NO_KERNELS is set")
+        assert megabatch_nn._cpu_kernel(torch.zeros(1)) is not None, "the grouped BN kernel did not build"
+    else:
+        monkeypatch.setattr(megabatch_nn, "_cpu_kernel", lambda x: None)
+        monkeypatch.setattr(megabatch_nn, "JOIN_IN_CACHE_ON", ("cpu",) if eager == "in cache" else ())
 
     k = 4
     upstream = torch.randn(k * B, C, 5, 4, dtype=torch.float64)
@@ -103,6 +111,65 @@ def test_compiled_formulation_equals_the_eager_one(layout, affine, join, monkeyp
     _, mean, var, _ = results[0][:4]
     torch.testing.assert_close(mean.mean(0), worker_stats(workers_input(k), k)[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(var.mean(0), worker_stats(workers_input(k), k)[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("needs", ["all", "input only", "parameters only"])
+def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, needs, monkeypatch):
+    """The C++ kernel runs the groups side by side on the CPU's threads; the numbers are
+    PyTorch's own BN kernels' on each group either way, to the bit."""
+    from megabatch import nn as megabatch_nn
+    from megabatch.nn import _GroupedBatchNorm
+
+    if kernels.disabled():
+        pytest.skip("MEGABATCH_NO_KERNELS is set")
+    assert megabatch_nn._cpu_kernel(torch.zeros(1)) is not None, "the grouped BN kernel did not build"
+    g = torch.Generator().manual_seed(k)
+    x0 = (torch.randn(k * 16, 8, 6, 5, generator=g) * 3 + 1).to(dtype).contiguous(memory_format=layout)
+    upstream = torch.randn(x0.shape, generator=g).to(dtype).contiguous(memory_format=layout)
+    weight0, bias0 = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    if dtype == torch.float64:
+        weight0, bias0 = weight0.double(), bias0.double()
+    results = []
+    for python in (False, True):
+        if python:
+            monkeypatch.setattr(megabatch_nn, "_cpu_kernel", lambda x: None)
+        x = x0.clone().requires_grad_(needs != "parameters only")
+        weight, bias = (t.clone().requires_grad_(needs != "input only") for t in (weight0, bias0))
+        y, mean, var = _GroupedBatchNorm.apply(x, weight, bias, k, 1e-5)
+        y.backward(upstream)
+        assert y.is_contiguous(memory_format=layout) and y.dtype == dtype
+        results.append([y, mean, var, x.grad, weight.grad, bias.grad])
+    for kernel, loop in zip(*results):
+        assert (kernel is None) == (loop is None)
+        if kernel is not None:
+            assert kernel.dtype == loop.dtype and torch.equal(kernel, loop)
+
+
+def test_the_kernel_falls_back_to_python_with_one_warning_where_it_cannot_be_built(tmp_path):
+    """No working compiler: one warning that says what builds it, and ghost BN still runs."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import warnings, torch\n"
+              "from megabatch import kernels\n"
+              "from megabatch.nn import GhostBatchNorm2d\n"
+              "with warnings.catch_warnings(record=True) as caught:\n"
+              "    warnings.simplefilter('always')\n"
+              "    y = GhostBatchNorm2d(3, 4)(torch.randn(8, 3, 2, 2))\n"
+              "    GhostBatchNorm2d(3, 4)(torch.randn(8, 3, 2, 2))\n"
+              "print(kernels.load('grouped_batch_norm'), len(caught), tuple(y.shape))\n"
+              "print(caught[0].message)\n")
+    env = {**os.environ, "MEGABATCH_KERNEL_CACHE": str(tmp_path), "CXX": "/bin/false"}
+    env.pop("MEGABATCH_NO_KERNELS", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, message = out.stdout.splitlines()[:2]
+    assert first == "None 1 (8, 3, 2, 2)"
+    assert "could not be built" in message and "ninja" in message
 
 
 def test_bf16_ghost_batches_equal_separate_bf16_workers():

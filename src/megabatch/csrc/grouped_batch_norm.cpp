@@ -1,0 +1,90 @@
+// Ghost batch norm on a CPU: PyTorch's own training-mode BN kernels, run on each of k
+// equal slices of the batch (one emulated worker each) side by side on the intra-op
+// threads. Called one by one from Python, each slice's kernel is too small for ATen to
+// split it over threads, so one core did all of ghost BN's work while the others waited.
+// Nothing here computes BN: the results are bit-identical to the Python loop in nn.py.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <array>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+at::ScalarType stat_type(const Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ? at::kFloat : x.scalar_type();
+}
+
+// Runs body(g) for every group g: on one thread per group when there are several (each
+// kernel then runs single-threaded inside the parallel region), inline for one group
+// (whose kernel then uses every thread itself). The ops called in body skip autograd:
+// worker threads do not inherit the caller's no-grad mode.
+template <typename Body>
+void for_each_group(int64_t k, const Body& body) {
+  if (k == 1) {  // not through parallel_for, which would mark even one inline call as parallel
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    body(0);
+    return;
+  }
+  at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t g = begin; g < end; ++g) body(g);
+  });
+}
+
+}  // namespace
+
+// (y, mean, var, save_mean, save_invstd): the last four (k, C), as the Python loop returns
+// them: each group's mean and unbiased variance (BN's running-statistics rule with momentum
+// 1 stores exactly the batch's figures), and what the backward needs.
+std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& weight,
+                            const c10::optional<Tensor>& bias, int64_t k, double eps) {
+  TORCH_CHECK(k >= 1 && x.size(0) % k == 0, "grouped_batch_norm: ", x.size(0), " images do not split into ",
+              k, " groups");
+  auto stats = at::empty({4, k, x.size(1)}, x.options().dtype(stat_type(x)));
+  auto mean = stats[0], var = stats[1], save_mean = stats[2], save_invstd = stats[3];
+  mean.zero_();
+  var.fill_(1.0);
+  auto y = at::empty_like(x);  // keeps x's memory format: slices along N stay dense
+  auto xs = x.chunk(k), ys = y.chunk(k);
+  for_each_group(k, [&](int64_t g) {
+    auto sm = save_mean[g], si = save_invstd[g];
+    at::native_batch_norm_out(ys[g], sm, si, xs[g], weight, bias, mean[g], var[g], true, 1.0, eps);
+  });
+  return {y, mean, var, save_mean, save_invstd};
+}
+
+// (grad_x, grad_weight, grad_bias), undefined where mask is false.
+std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const c10::optional<Tensor>& weight,
+                             const Tensor& save_mean, const Tensor& save_invstd, int64_t k, double eps,
+                             std::array<bool, 3> mask) {
+  if (k == 1) {  // nothing to join
+    auto out = at::native_batch_norm_backward(grad_y, x, weight, {}, {}, save_mean[0], save_invstd[0], true,
+                                              eps, mask);
+    return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+  }
+  // BN's backward has no kernel that writes into a given tensor: each group's input gradient
+  // is copied into its slice by the thread that computed it, while it is in that core's cache.
+  auto grad_x = mask[0] ? at::empty_like(x) : Tensor();
+  auto gxs = mask[0] ? grad_x.chunk(k) : std::vector<Tensor>();
+  auto xs = x.chunk(k), gys = grad_y.chunk(k);
+  auto per_group = at::empty({2, k, x.size(1)}, save_mean.options());  // each group's dweight, dbias
+  for_each_group(k, [&](int64_t g) {
+    auto out = at::native_batch_norm_backward(gys[g], xs[g], weight, {}, {}, save_mean[g], save_invstd[g], true,
+                                              eps, mask);
+    if (mask[0]) gxs[g].copy_(std::get<0>(out));
+    if (mask[1]) per_group[0][g].copy_(std::get<1>(out));
+    if (mask[2]) per_group[1][g].copy_(std::get<2>(out));
+  });
+  auto sums = (mask[1] || mask[2]) ? per_group.sum(1) : Tensor();
+  return {grad_x, mask[1] ? sums[0] : Tensor(), mask[2] ? sums[1] : Tensor()};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "megabatch's ghost batch norm on a CPU: PyTorch's BN kernel per group, groups in parallel";
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+}

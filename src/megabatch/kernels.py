@@ -1,0 +1,87 @@
+"""megabatch's own C++ kernels, compiled for this machine on first use.
+
+PyTorch's JIT extension builder (:func:`torch.utils.cpp_extension.load`) compiles
+``csrc/*.cpp`` against the installed torch with the system's C++ compiler and
+ninja, once per source, torch and Python version, into a cache folder
+(``$MEGABATCH_KERNEL_CACHE``, else ``~/.cache/megabatch/kernels``); ``make install``
+builds it ahead, so a first training run does not wait. Where it cannot be built
+(no compiler), or with ``MEGABATCH_NO_KERNELS=1``, callers fall back to their
+Python form, which computes the same numbers more slowly: one warning says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCES = Path(__file__).parent / "csrc"
+
+
+def cache_root() -> Path:
+    """Where compiled kernels are kept: ``$MEGABATCH_KERNEL_CACHE`` or ``~/.cache/megabatch/kernels``."""
+    configured = os.environ.get("MEGABATCH_KERNEL_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "megabatch" / "kernels"
+
+
+def build_folder(name: str) -> Path:
+    """One folder per source text, torch and Python version: a change to any rebuilds."""
+    source = (SOURCES / f"{name}.cpp").read_bytes()
+    key = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    return cache_root() / f"{name}-{key}"
+
+
+def disabled() -> bool:
+    return os.environ.get("MEGABATCH_NO_KERNELS", "") not in ("", "0")
+
+
+@functools.cache
+def load(name: str) -> ModuleType | None:
+    """The compiled module ``csrc/<name>.cpp``, building it if needed; None (with one
+    warning) where it cannot be built, or None silently with ``MEGABATCH_NO_KERNELS=1``."""
+    if disabled():
+        return None
+    # Its import logs "No CUDA runtime is found" on a machine without CUDA: these kernels are for the CPU.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.cpp_extension import load as jit_load
+
+    folder = build_folder(name)
+    fresh = not any(folder.glob("*.so"))
+    if fresh:
+        print(f"megabatch: compiling the {name.replace('_', ' ')} kernel for this machine "
+              f"(once, about 30 s; cached in {folder})", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        module = jit_load(name=f"megabatch_{name}", sources=[str(SOURCES / f"{name}.cpp")],
+                          build_directory=str(folder), extra_cflags=["-O2"], verbose=False)
+    except Exception as error:  # noqa: BLE001 - any build failure means: use the Python form
+        reason = " ".join(str(error).split())[:300]
+        warnings.warn(f"megabatch: the {name} kernel could not be built ({type(error).__name__}: {reason}); "
+                      f"using its Python form, slower on several threads. A C++ compiler and ninja "
+                      f"(pip install ninja) build it; MEGABATCH_NO_KERNELS=1 silences this.", stacklevel=2)
+        return None
+    if fresh:
+        print(f"megabatch: compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return module
+
+
+def main() -> int:
+    """``python -m megabatch.kernels``: build every kernel now (``make install`` does)."""
+    names = sorted(p.stem for p in SOURCES.glob("*.cpp"))
+    missing = [name for name in names if load(name) is None]
+    for name in names:
+        print(f"{name}: {'not built (see the warning above)' if name in missing else build_folder(name)}")
+    return 1 if missing and not disabled() else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
