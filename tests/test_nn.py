@@ -117,18 +117,27 @@ def test_compiled_formulation_equals_the_eager_one(layout, affine, eager, monkey
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("k", [1, 2, 8])
 @pytest.mark.parametrize("needs", ["all", "input only", "parameters only"])
-def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, needs, monkeypatch):
-    """The C++ kernel runs the groups side by side on the CPU's threads; the numbers are
-    PyTorch's own BN kernels' on each group either way, to the bit."""
+@pytest.mark.parametrize("upstream_layout", ["same", "other"])
+def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, needs, upstream_layout, monkeypatch):
+    """The C++ kernel runs the groups side by side on the CPU's threads, and its backward
+    writes each group's gradients into place (ATen's own kernel, where the upstream
+    gradient has x's layout; else the operator and a copy); the numbers are PyTorch's own
+    BN kernels' on each group either way, to the bit."""
+    import platform
+
     from megabatch import nn as megabatch_nn
     from megabatch.nn import _GroupedBatchNorm
 
     if kernels.disabled():
         pytest.skip("MEGABATCH_NO_KERNELS is set")
-    assert megabatch_nn._cpu_kernel(torch.zeros(1)) is not None, "the grouped BN kernel did not build"
+    kernel = megabatch_nn._cpu_kernel(torch.zeros(1))
+    assert kernel is not None, "the grouped BN kernel did not build"
+    assert kernel.writes_in_place() == (platform.machine() == "x86_64")
     g = torch.Generator().manual_seed(k)
     x0 = (torch.randn(k * 16, 8, 6, 5, generator=g) * 3 + 1).to(dtype).contiguous(memory_format=layout)
-    upstream = torch.randn(x0.shape, generator=g).to(dtype).contiguous(memory_format=layout)
+    other = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
+    upstream = torch.randn(x0.shape, generator=g).to(dtype).contiguous(
+        memory_format=layout if upstream_layout == "same" else other)
     weight0, bias0 = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
     if dtype == torch.float64:
         weight0, bias0 = weight0.double(), bias0.double()

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import sys
 import time
 import warnings
@@ -33,10 +34,16 @@ def cache_root() -> Path:
 
 
 def build_folder(name: str) -> Path:
-    """One folder per source text, torch and Python version: a change to any rebuilds."""
+    """One folder per source text, torch and Python version and machine: a change to any rebuilds."""
     source = (SOURCES / f"{name}.cpp").read_bytes()
-    key = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode() + platform.machine().encode()).hexdigest()[:16]
     return cache_root() / f"{name}-{key}"
+
+
+def table_flags() -> list[str]:
+    """On x86-64, the macros under which ATen's headers declare its kernel tables' AVX2 and
+    AVX512 entries (PyTorch's x86 builds fill them; a kernel reads them as ATen would)."""
+    return ["-DHAVE_AVX2_CPU_DEFINITION", "-DHAVE_AVX512_CPU_DEFINITION"] if platform.machine() in ("x86_64", "AMD64") else []
 
 
 def disabled() -> bool:
@@ -62,7 +69,7 @@ def load(name: str) -> ModuleType | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         module = jit_load(name=f"megabatch_{name}", sources=[str(SOURCES / f"{name}.cpp")],
-                          build_directory=str(folder), extra_cflags=["-O2"], verbose=False)
+                          build_directory=str(folder), extra_cflags=["-O2", *table_flags()], verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: use the Python form
         reason = " ".join(str(error).split())[:300]
         warnings.warn(f"megabatch: the {name} kernel could not be built ({type(error).__name__}: {reason}); "

@@ -167,14 +167,15 @@ _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 def _cpu_kernel(x: torch.Tensor):
     """megabatch's C++ grouped BN (:mod:`megabatch.kernels`) for a CPU tensor where it is
     built, else None. Called one by one from Python, a 32-image group's BN kernel is too
-    small for ATen to split over threads: on 2 threads, ghost BN ran at 0.91x plain BN in
-    bf16; run side by side, the groups are faster than one plain BN (their slices stay in
-    each core's cache)."""
+    small for ATen to split over threads, and the backward's input gradients need a copy:
+    on 2 threads, ghost BN ran at 0.91x plain BN in bf16. Side by side, with gradients
+    written into place, the demo's four BN layers (8 groups of 32) take about 0.8x plain
+    BN's time (each slice stays in its core's cache)."""
     return kernels.load("grouped_batch_norm") if x.device.type == "cpu" else None
 
 
-# Devices where ghost BN's backward copies each group's input gradient into place while it
-# is in the cache (small CNN on 2 CPU threads: ghost/plain BN 1.009x in fp32 in the
+# Devices where ghost BN's Python backward (no C++ kernel: not a CPU, or not built) copies
+# each group's input gradient into place while it is in the cache (small CNN on 2 CPU threads: ghost/plain BN 1.009x in fp32 in the
 # 2026-12-04 bench, 0.85-0.94x with one cat before); elsewhere one cat joins them.
 JOIN_IN_CACHE_ON = ("cpu",)
 

@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/native/batch_norm.h>
 
 #include <array>
 #include <vector>
@@ -33,6 +35,28 @@ void for_each_group(int64_t k, const Body& body) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t g = begin; g < end; ++g) body(g);
   });
+}
+
+// ATen's CPU batch-norm backward kernel for this CPU, the one native_batch_norm_backward
+// calls for dense inputs: unlike the operator, it writes into tensors it is given. ATen
+// picks it from its dispatch table by the CPU's capability (its picker is not exported);
+// this picks the same way, or returns nullptr where the table is not readable here (then
+// the operator runs, and each gradient is copied into place).
+using BackwardKernel = at::native::batch_norm_backward_fn;
+
+BackwardKernel backward_kernel() {
+#if defined(__x86_64__) && defined(HAVE_AVX512_CPU_DEFINITION) && defined(HAVE_AVX2_CPU_DEFINITION)
+  using Table = at::native::DispatchStub<BackwardKernel, at::native::batch_norm_cpu_backward_stub_DECLARE_DISPATCH_type>;
+  static const BackwardKernel picked = [] {
+    auto capability = at::get_cpu_capability();
+    if (capability == "AVX512" && Table::AVX512) return Table::AVX512;
+    if ((capability == "AVX512" || capability == "AVX2") && Table::AVX2) return Table::AVX2;
+    return Table::DEFAULT;
+  }();
+  return picked;
+#else
+  return nullptr;
+#endif
 }
 
 }  // namespace
@@ -66,18 +90,28 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const c10::o
                                               eps, mask);
     return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
   }
-  // BN's backward has no kernel that writes into a given tensor: each group's input gradient
-  // is copied into its slice by the thread that computed it, while it is in that core's cache.
   auto grad_x = mask[0] ? at::empty_like(x) : Tensor();
   auto gxs = mask[0] ? grad_x.chunk(k) : std::vector<Tensor>();
   auto xs = x.chunk(k), gys = grad_y.chunk(k);
   auto per_group = at::empty({2, k, x.size(1)}, save_mean.options());  // each group's dweight, dbias
+  // Where x and grad_y are dense in one layout, ATen's CPU kernel writes each group's
+  // gradients into place; otherwise the operator computes them (after making them dense)
+  // and the thread copies them into place while they are in its core's cache.
+  auto layout = x.suggest_memory_format();
+  auto kernel = x.is_contiguous(layout) && grad_y.is_contiguous(layout) ? backward_kernel() : nullptr;
+  auto weight_ = weight.value_or(Tensor());
   for_each_group(k, [&](int64_t g) {
+    Tensor none, gx = mask[0] ? gxs[g] : none, gw = mask[1] ? per_group[0][g] : none,
+                 gb = mask[2] ? per_group[1][g] : none;
+    if (kernel) {
+      kernel(gx, gw, gb, gys[g], xs[g], weight_, none, none, save_mean[g], save_invstd[g], true, eps);
+      return;
+    }
     auto out = at::native_batch_norm_backward(gys[g], xs[g], weight, {}, {}, save_mean[g], save_invstd[g], true,
                                               eps, mask);
-    if (mask[0]) gxs[g].copy_(std::get<0>(out));
-    if (mask[1]) per_group[0][g].copy_(std::get<1>(out));
-    if (mask[2]) per_group[1][g].copy_(std::get<2>(out));
+    if (mask[0]) gx.copy_(std::get<0>(out));
+    if (mask[1]) gw.copy_(std::get<1>(out));
+    if (mask[2]) gb.copy_(std::get<2>(out));
   });
   auto sums = (mask[1] || mask[2]) ? per_group.sum(1) : Tensor();
   return {grad_x, mask[1] ? sums[0] : Tensor(), mask[2] ? sums[1] : Tensor()};
@@ -87,4 +121,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megabatch's ghost batch norm on a CPU: PyTorch's BN kernel per group, groups in parallel";
   m.def("forward", &forward);
   m.def("backward", &backward);
+  m.def("writes_in_place", [] { return backward_kernel() != nullptr; },
+        "whether the backward writes each group's gradients into place (else it copies them)");
 }
