@@ -116,7 +116,7 @@ def test_compiled_formulation_equals_the_eager_one(layout, affine, eager, monkey
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("k", [1, 2, 8])
-@pytest.mark.parametrize("needs", ["all", "input only", "parameters only"])
+@pytest.mark.parametrize("needs", ["all", "input only", "parameters only", "no affine"])
 @pytest.mark.parametrize("upstream_layout", ["same", "other"])
 def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, needs, upstream_layout, monkeypatch):
     """The C++ kernel runs the groups side by side on the CPU's threads, and its backward
@@ -146,11 +146,12 @@ def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, ne
         if python:
             monkeypatch.setattr(megabatch_nn, "_cpu_kernel", lambda x: None)
         x = x0.clone().requires_grad_(needs != "parameters only")
-        weight, bias = (t.clone().requires_grad_(needs != "input only") for t in (weight0, bias0))
+        weight, bias = ((None, None) if needs == "no affine" else
+                        (t.clone().requires_grad_(needs != "input only") for t in (weight0, bias0)))
         y, mean, var = _GroupedBatchNorm.apply(x, weight, bias, k, 1e-5)
         y.backward(upstream)
         assert y.is_contiguous(memory_format=layout) and y.dtype == dtype
-        results.append([y, mean, var, x.grad, weight.grad, bias.grad])
+        results.append([y, mean, var, x.grad] + ([] if weight is None else [weight.grad, bias.grad]))
     for kernel, loop in zip(*results):
         assert (kernel is None) == (loop is None)
         if kernel is not None:

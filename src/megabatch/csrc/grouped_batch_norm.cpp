@@ -97,8 +97,12 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const c10::o
   // Where x and grad_y are dense in one layout, ATen's CPU kernel writes each group's
   // gradients into place; otherwise the operator computes them (after making them dense)
   // and the thread copies them into place while they are in its core's cache.
+  // (The kernel reads and writes the parameters' gradients as save_mean's type: the
+  // operator's own rule, which the forward already held to.)
   auto layout = x.suggest_memory_format();
-  auto kernel = x.is_contiguous(layout) && grad_y.is_contiguous(layout) ? backward_kernel() : nullptr;
+  bool dense = x.is_contiguous(layout) && grad_y.is_contiguous(layout);
+  bool types_agree = !weight.has_value() || !weight->defined() || weight->scalar_type() == save_mean.scalar_type();
+  auto kernel = dense && types_agree ? backward_kernel() : nullptr;
   auto weight_ = weight.value_or(Tensor());
   for_each_group(k, [&](int64_t g) {
     Tensor none, gx = mask[0] ? gxs[g] : none, gw = mask[1] ? per_group[0][g] : none,
