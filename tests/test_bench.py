@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megabatch import bench, bench_report, bench_timing
+from megabatch import bench, bench_report, bench_timing, kernels
 from megabatch.build import native_bf16
 from megabatch.cli import main
 
@@ -162,6 +162,12 @@ def test_small_cnn_quick_run_writes_every_comparison_with_provenance(small):
     assert settings["global_batch"] == 128 and settings["micro_batch"] == 64 and settings["micro_batches"] == 2
     native = native_bf16(torch.device("cpu"))
     assert settings["native_bf16"] == native and settings["threads"] == 1
+    # Which ghost BN ran: on an x86 CPU, the C++ kernel writing gradients in place.
+    if kernels.disabled():
+        assert settings["ghost_bn"].startswith("Python loop")
+    else:
+        assert settings["ghost_bn"].startswith("C++ kernel") and settings["ghost_bn"].endswith("written into place")
+    assert f"ghost BN: {settings['ghost_bn']}" in printed
     entries = {(e["loop"], e["precision"], e["plain_bn"], e["noise_scale"], e["contiguous"]): e
                for e in result["train_step"]}
     for precision in ("fp32", "bf16"):  # bf16 is measured, emulated or not

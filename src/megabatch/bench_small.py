@@ -204,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from megabatch import provenance
+    from megabatch.nn import ghost_bn_implementation
 
     s = settings(args)
     out = Path(args.out)
@@ -222,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
           f"{s.global_batch // s.micro_batch} micro-batches of {s.micro_batch}")
     if s.note:
         print(f"note: {s.note}")
+    ghost_bn = ghost_bn_implementation(device)
+    print(f"ghost BN: {ghost_bn}")
     print(f"{len(cs)} configurations timed round-robin (every other round reversed): {s.repeats} repeat(s) of "
           f"{s.steps or f'about {REPEAT_SECONDS:g} s of'} step(s) each, after {s.warmup} warm-up step(s); "
           f"median images/s and min-max; load average {load_before[0]:.2f}")
@@ -257,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
         "flags": {k: v for k, v in vars(args).items() if not callable(v)},  # as parsed, whoever called
         "settings": {**asdict(s), "repeat_seconds": None if s.steps else REPEAT_SECONDS, "recipe": RECIPE,
                      "model": MODEL, "image": [1, 28, 28], "data": "synthetic, on the device",
-                     "micro_batches": s.global_batch // s.micro_batch, "threads": torch.get_num_threads(),
+                     "micro_batches": s.global_batch // s.micro_batch, "ghost_bn": ghost_bn,
+                     "threads": torch.get_num_threads(),
                      "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "plain_loop": plain_loop,
                      "order": "configurations timed round-robin, one repeat of each in turn, every other round "
                               "in reverse order", "load_average_1min": [load_before[0], load_after[0]]},

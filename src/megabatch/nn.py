@@ -164,6 +164,17 @@ class _GroupedBatchNorm(torch.autograd.Function):
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 
+def ghost_bn_implementation(device: torch.device) -> str:
+    """How eager ghost BN runs on ``device``, in words (for benchmark results)."""
+    if device.type != "cpu":
+        return "Python loop, PyTorch's BN kernel per group, input gradients joined by one cat"
+    kernel = _cpu_kernel(torch.empty(0))
+    if kernel is None:
+        return "Python loop, PyTorch's BN kernel per group (the C++ kernel is not built)"
+    written = "written into place" if kernel.writes_in_place() else "copied into place"
+    return f"C++ kernel: PyTorch's BN kernel per group, groups side by side on the threads, gradients {written}"
+
+
 def _cpu_kernel(x: torch.Tensor):
     """megabatch's C++ grouped BN (:mod:`megabatch.kernels`) for a CPU tensor where it is
     built, else None. Called one by one from Python, a 32-image group's BN kernel is too
