@@ -17,6 +17,7 @@ import torch
 from megabatch import bench, bench_report, bench_timing, kernels
 from megabatch.build import native_bf16
 from megabatch.cli import main
+from megabatch.nn import ghost_bn_implementation
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,7 @@ def test_quick_run_writes_one_json_with_every_measurement(quick):
     assert result["complete"] is True
     assert "CPU" in result["note"] and result["device"].startswith("cpu")
     assert result["settings"]["image_size"] == 32 and result["settings"]["batch"] == 8
+    assert result["settings"]["ghost_bn"] == ghost_bn_implementation(torch.device("cpu"))
     [megabatch] = result["train_step"]  # --quick: fp32 contiguous eager only
     assert megabatch["name"] == "megabatch fp32 contiguous eager"
     assert (megabatch["precision"], megabatch["memory_format"], megabatch["compile"]) == ("fp32", "contiguous", False)

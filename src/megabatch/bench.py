@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from megabatch import bench_input, bench_small, provenance, recipe as recipes
+    from megabatch.nn import ghost_bn_implementation
 
     if args.model == "small-cnn":
         return bench_small.run(args)
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             "device": device_name, **provenance.collect(device), "model": "resnet50", "note": s.note,
             "complete": False,
             "settings": {**asdict(s), "recipe": RECIPE, "data": args.data or "generated (megabatch.data.tiny_imagenet)",
-                         "training_images": images,
+                         "training_images": images, "ghost_bn": ghost_bn_implementation(device),
                          "cudnn_benchmark": recipes.load(RECIPE).train.cudnn_benchmark}}
 
         def save() -> None:
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
               f"batch {s.batch} = {s.batch // s.per_worker_batch} emulated workers x {s.per_worker_batch}")
         if s.note:
             print(f"note: {s.note}")
+        print(f"ghost BN (eager): {result['settings']['ghost_bn']}")
         print(f"{s.repeats} repeat(s) of {s.steps} step(s) after {s.warmup} warm-up step(s): median images/s "
               f"and min-max; MFU at {flop_per_image(s) / 1e9:.2f} GFLOP per image per step")
         peak = {p: matmul_flops(s, p) for p in s.precisions}
