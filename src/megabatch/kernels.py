@@ -34,16 +34,24 @@ def cache_root() -> Path:
 
 
 def build_folder(name: str) -> Path:
-    """One folder per source text, torch and Python version and machine: a change to any rebuilds."""
-    source = (SOURCES / f"{name}.cpp").read_bytes()
-    key = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode() + platform.machine().encode()).hexdigest()[:16]
+    """One folder per source text, flags, torch (version and install) and Python: a change to
+    any rebuilds, and two environments never relink one library under each other."""
+    parts = [(SOURCES / f"{name}.cpp").read_text(), *compile_flags(), torch.__version__, torch.__file__, sys.version]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return cache_root() / f"{name}-{key}"
 
 
-def table_flags() -> list[str]:
-    """On x86-64, the macros under which ATen's headers declare its kernel tables' AVX2 and
-    AVX512 entries (PyTorch's x86 builds fill them; a kernel reads them as ATen would)."""
-    return ["-DHAVE_AVX2_CPU_DEFINITION", "-DHAVE_AVX512_CPU_DEFINITION"] if platform.machine() in ("x86_64", "AMD64") else []
+def compile_flags() -> list[str]:
+    """OpenMP on Linux, as PyTorch's ATen is built (without it ``at::parallel_for`` runs
+    inline; the extension then shares the libgomp that torch loads); on x86-64 the macros
+    under which ATen's headers declare its dispatch tables' AVX2 and AVX512 entries, as
+    PyTorch's own x86 builds do."""
+    flags = ["-O2"]
+    if platform.system() == "Linux":
+        flags.append("-fopenmp")
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags += ["-DHAVE_AVX2_CPU_DEFINITION", "-DHAVE_AVX512_CPU_DEFINITION"]
+    return flags
 
 
 def disabled() -> bool:
@@ -57,8 +65,13 @@ def load(name: str) -> ModuleType | None:
     if disabled():
         return None
     # Its import logs "No CUDA runtime is found" on a machine without CUDA: these kernels are for the CPU.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils.cpp_extension import load as jit_load
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load as jit_load
+    finally:
+        logger.setLevel(level)
 
     folder = build_folder(name)
     fresh = not any(folder.glob("*.so"))
@@ -69,11 +82,12 @@ def load(name: str) -> ModuleType | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         module = jit_load(name=f"megabatch_{name}", sources=[str(SOURCES / f"{name}.cpp")],
-                          build_directory=str(folder), extra_cflags=["-O2", *table_flags()], verbose=False)
+                          build_directory=str(folder), extra_cflags=compile_flags(),
+                          extra_ldflags=["-fopenmp"] if "-fopenmp" in compile_flags() else [], verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: use the Python form
         reason = " ".join(str(error).split())[:300]
         warnings.warn(f"megabatch: the {name} kernel could not be built ({type(error).__name__}: {reason}); "
-                      f"using its Python form, slower on several threads. A C++ compiler and ninja "
+                      f"using its Python form, slower on several threads. A C++ compiler with OpenMP and ninja "
                       f"(pip install ninja) build it; MEGABATCH_NO_KERNELS=1 silences this.", stacklevel=2)
         return None
     if fresh:

@@ -1,13 +1,17 @@
 // Ghost batch norm on a CPU: PyTorch's own training-mode BN kernels, run on each of k
-// equal slices of the batch (one emulated worker each) side by side on the intra-op
-// threads. Called one by one from Python, each slice's kernel is too small for ATen to
-// split it over threads, so one core did all of ghost BN's work while the others waited.
-// Nothing here computes BN: the results are bit-identical to the Python loop in nn.py.
+// equal slices of the batch (one emulated worker each), the slices side by side on the
+// intra-op threads (built with OpenMP, as ATen is). Called one by one from Python, each
+// slice's kernel is too small for ATen to split over threads, so one core did all of ghost
+// BN's work while the others waited, and each input gradient was copied into one tensor.
+// Nothing here computes BN. Each slice's kernel runs on one thread, so the results are
+// those of the Python loop in nn.py on one thread, whatever the thread count (channels-
+// last kernels split a slice over threads and round by how many they get).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/native/batch_norm.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <array>
 #include <vector>
@@ -20,44 +24,46 @@ at::ScalarType stat_type(const Tensor& x) {
   return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ? at::kFloat : x.scalar_type();
 }
 
+// Whether plain ATen kernels run here: no Python dispatch mode is active (a profiler's
+// counter, FakeTensorMode, ...) and x is no Python tensor subclass. Otherwise the groups
+// run one by one on the calling thread through the dispatcher, as from Python: a mode is
+// Python code, which worker threads could not enter while the caller holds the GIL, and
+// which must see every op.
+bool plain_aten(const Tensor& x) {
+  return !c10::impl::TorchDispatchModeTLS::any_modes_set() && !x.key_set().has_any(c10::python_ks);
+}
+
 // Runs body(g) for every group g: on one thread per group when there are several (each
 // kernel then runs single-threaded inside the parallel region), inline for one group
-// (whose kernel then uses every thread itself). The ops called in body skip autograd:
-// worker threads do not inherit the caller's no-grad mode.
+// (whose kernel then uses every thread itself) or under a Python mode. Worker threads take
+// the caller's thread-local state (inference mode, dispatch keys, the profiler's), and the
+// ops called in body skip autograd: the backward runs here only when it records no graph.
 template <typename Body>
-void for_each_group(int64_t k, const Body& body) {
-  if (k == 1) {  // not through parallel_for, which would mark even one inline call as parallel
+void for_each_group(int64_t k, bool fan_out, const Body& body) {
+  if (k == 1 || !fan_out) {  // not through parallel_for, which would mark even one inline call as parallel
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    body(0);
+    for (int64_t g = 0; g < k; ++g) body(g);
     return;
   }
+  at::ThreadLocalState caller;
   at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard same_state(caller);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t g = begin; g < end; ++g) body(g);
   });
 }
 
-// ATen's CPU batch-norm backward kernel for this CPU, the one native_batch_norm_backward
-// calls for dense inputs: unlike the operator, it writes into tensors it is given. ATen
-// picks it from its dispatch table by the CPU's capability (its picker is not exported);
-// this picks the same way, or returns nullptr where the table is not readable here (then
-// the operator runs, and each gradient is copied into place).
-using BackwardKernel = at::native::batch_norm_backward_fn;
-
-BackwardKernel backward_kernel() {
+// Whether ATen's CPU batch-norm backward kernel can be called here: it is the one
+// native_batch_norm_backward calls for dense inputs, and unlike the operator it writes into
+// tensors it is given. ATen declares its dispatch-table entries under the macros its own x86
+// builds define, which kernels.py passes on x86-64; elsewhere the operator runs, and each
+// gradient is copied into place.
+constexpr bool kWritesInPlace =
 #if defined(__x86_64__) && defined(HAVE_AVX512_CPU_DEFINITION) && defined(HAVE_AVX2_CPU_DEFINITION)
-  using Table = at::native::DispatchStub<BackwardKernel, at::native::batch_norm_cpu_backward_stub_DECLARE_DISPATCH_type>;
-  static const BackwardKernel picked = [] {
-    auto capability = at::get_cpu_capability();
-    if (capability == "AVX512" && Table::AVX512) return Table::AVX512;
-    if ((capability == "AVX512" || capability == "AVX2") && Table::AVX2) return Table::AVX2;
-    return Table::DEFAULT;
-  }();
-  return picked;
+    true;
 #else
-  return nullptr;
+    false;
 #endif
-}
 
 }  // namespace
 
@@ -74,7 +80,7 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& weight
   var.fill_(1.0);
   auto y = at::empty_like(x);  // keeps x's memory format: slices along N stay dense
   auto xs = x.chunk(k), ys = y.chunk(k);
-  for_each_group(k, [&](int64_t g) {
+  for_each_group(k, plain_aten(x), [&](int64_t g) {
     auto sm = save_mean[g], si = save_invstd[g];
     at::native_batch_norm_out(ys[g], sm, si, xs[g], weight, bias, mean[g], var[g], true, 1.0, eps);
   });
@@ -102,14 +108,18 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const c10::o
   auto layout = x.suggest_memory_format();
   bool dense = x.is_contiguous(layout) && grad_y.is_contiguous(layout);
   bool types_agree = !weight.has_value() || !weight->defined() || weight->scalar_type() == save_mean.scalar_type();
-  auto kernel = dense && types_agree ? backward_kernel() : nullptr;
+  bool plain = plain_aten(x) && plain_aten(grad_y);
+  bool in_place = kWritesInPlace && plain && dense && types_agree;
   auto weight_ = weight.value_or(Tensor());
-  for_each_group(k, [&](int64_t g) {
+  for_each_group(k, plain, [&](int64_t g) {
     Tensor none, gx = mask[0] ? gxs[g] : none, gw = mask[1] ? per_group[0][g] : none,
                  gb = mask[2] ? per_group[1][g] : none;
-    if (kernel) {
-      kernel(gx, gw, gb, gys[g], xs[g], weight_, none, none, save_mean[g], save_invstd[g], true, eps);
+    if (in_place) {  // ATen's dispatch picks the kernel for this CPU, as for the operator
+#if defined(__x86_64__) && defined(HAVE_AVX512_CPU_DEFINITION) && defined(HAVE_AVX2_CPU_DEFINITION)
+      at::native::batch_norm_cpu_backward_stub(at::kCPU, gx, gw, gb, gys[g], xs[g], weight_, none, none,
+                                               save_mean[g], save_invstd[g], true, eps);
       return;
+#endif
     }
     auto out = at::native_batch_norm_backward(gys[g], xs[g], weight, {}, {}, save_mean[g], save_invstd[g], true,
                                               eps, mask);
@@ -123,8 +133,15 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const c10::o
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megabatch's ghost batch norm on a CPU: PyTorch's BN kernel per group, groups in parallel";
-  m.def("forward", &forward);
-  m.def("backward", &backward);
-  m.def("writes_in_place", [] { return backward_kernel() != nullptr; },
+  // The GIL is released while the groups run (the arguments are converted before, the
+  // results after), so that other Python threads, such as a data loader's, go on.
+  m.def("forward", &forward, py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, py::call_guard<py::gil_scoped_release>());
+  m.def("writes_in_place", [] { return kWritesInPlace; },
         "whether the backward writes each group's gradients into place (else it copies them)");
+  m.def("group_threads", [](int64_t k) {
+    std::vector<int64_t> threads(k);
+    for_each_group(k, true, [&](int64_t g) { threads[g] = at::get_thread_num(); });
+    return threads;
+  }, "the intra-op thread that runs each of k groups (for tests)");
 }
