@@ -2,11 +2,12 @@
 
 PyTorch's JIT extension builder (:func:`torch.utils.cpp_extension.load`) compiles
 ``csrc/*.cpp`` against the installed torch with the system's C++ compiler and
-ninja, once per source, torch and Python version, into a cache folder
+ninja, once per source, flags, torch install and Python, into a cache folder
 (``$MEGABATCH_KERNEL_CACHE``, else ``~/.cache/megabatch/kernels``); ``make install``
 builds it ahead, so a first training run does not wait. Where it cannot be built
 (no compiler), or with ``MEGABATCH_NO_KERNELS=1``, callers fall back to their
-Python form, which computes the same numbers more slowly: one warning says so.
+Python form, the same computation more slowly (equal to the last bit where both run
+each kernel on one thread): one warning says so.
 """
 
 from __future__ import annotations
