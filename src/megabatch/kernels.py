@@ -74,7 +74,7 @@ def load(name: str) -> ModuleType | None:
     finally:
         logger.setLevel(level)
 
-    folder = build_folder(name)
+    folder, flags = build_folder(name), compile_flags()
     fresh = not any(folder.glob("*.so"))
     if fresh:
         print(f"megabatch: compiling the {name.replace('_', ' ')} kernel for this machine "
@@ -83,8 +83,8 @@ def load(name: str) -> ModuleType | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         module = jit_load(name=f"megabatch_{name}", sources=[str(SOURCES / f"{name}.cpp")],
-                          build_directory=str(folder), extra_cflags=compile_flags(),
-                          extra_ldflags=["-fopenmp"] if "-fopenmp" in compile_flags() else [], verbose=False)
+                          build_directory=str(folder), extra_cflags=flags,
+                          extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: use the Python form
         reason = " ".join(str(error).split())[:300]
         warnings.warn(f"megabatch: the {name} kernel could not be built ({type(error).__name__}: {reason}); "

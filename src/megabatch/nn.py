@@ -186,8 +186,9 @@ def _cpu_kernel(x: torch.Tensor):
 
 
 # Devices where ghost BN's Python backward (no C++ kernel: not a CPU, or not built) copies
-# each group's input gradient into place while it is in the cache (small CNN on 2 CPU threads: ghost/plain BN 1.009x in fp32 in the
-# 2026-12-04 bench, 0.85-0.94x with one cat before); elsewhere one cat joins them.
+# each group's input gradient into place while it is in the cache (small CNN on 2 CPU
+# threads: ghost/plain BN 1.009x in fp32 in the 2026-12-04 bench, 0.85-0.94x with one cat
+# before); elsewhere one cat joins them.
 JOIN_IN_CACHE_ON = ("cpu",)
 
 

@@ -58,12 +58,12 @@ void for_each_group(int64_t k, bool fan_out, const Body& body) {
 // tensors it is given. ATen declares its dispatch-table entries under the macros its own x86
 // builds define, which kernels.py passes on x86-64; elsewhere the operator runs, and each
 // gradient is copied into place.
-constexpr bool kWritesInPlace =
 #if defined(__x86_64__) && defined(HAVE_AVX512_CPU_DEFINITION) && defined(HAVE_AVX2_CPU_DEFINITION)
-    true;
+#define MEGABATCH_ATEN_BACKWARD_KERNEL 1
 #else
-    false;
+#define MEGABATCH_ATEN_BACKWARD_KERNEL 0
 #endif
+constexpr bool kWritesInPlace = MEGABATCH_ATEN_BACKWARD_KERNEL;
 
 }  // namespace
 
@@ -115,7 +115,7 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const c10::o
     Tensor none, gx = mask[0] ? gxs[g] : none, gw = mask[1] ? per_group[0][g] : none,
                  gb = mask[2] ? per_group[1][g] : none;
     if (in_place) {  // ATen's dispatch picks the kernel for this CPU, as for the operator
-#if defined(__x86_64__) && defined(HAVE_AVX512_CPU_DEFINITION) && defined(HAVE_AVX2_CPU_DEFINITION)
+#if MEGABATCH_ATEN_BACKWARD_KERNEL
       at::native::batch_norm_cpu_backward_stub(at::kCPU, gx, gw, gb, gys[g], xs[g], weight_, none, none,
                                                save_mean[g], save_invstd[g], true, eps);
       return;
