@@ -1,0 +1,173 @@
+"""megabatch's C++ grouped batch-norm kernel (csrc/grouped_batch_norm.cpp, built by
+megabatch.kernels): the numbers of PyTorch's own BN kernels on each group, the groups
+really side by side on the threads, safe under autograd's second derivatives, inference
+mode and Python dispatch modes, and a Python fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from megabatch import kernels
+from megabatch.nn import GhostBatchNorm2d
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpu_kernel():
+    from megabatch import nn as megabatch_nn
+
+    if kernels.disabled():
+        pytest.skip("MEGABATCH_NO_KERNELS is set")
+    kernel = megabatch_nn._cpu_kernel(torch.zeros(1))
+    assert kernel is not None, "the grouped BN kernel did not build"
+    return kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("needs", ["all", "input only", "parameters only", "no affine"])
+@pytest.mark.parametrize("upstream_layout", ["same", "other"])
+def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, needs, upstream_layout, monkeypatch):
+    """The C++ kernel runs the groups side by side, one thread each, and its backward writes
+    each group's gradients into place (ATen's own kernel where the upstream gradient has
+    x's layout; else the operator and a copy). The numbers are PyTorch's own BN kernels' on
+    each group: to the bit those of the Python loop on one thread, at any thread count
+    (channels-last kernels split a group over threads and round by how many they get); one
+    group keeps every thread, as in the loop."""
+    import platform
+
+    from megabatch import nn as megabatch_nn
+    from megabatch.nn import _GroupedBatchNorm
+
+    assert cpu_kernel().writes_in_place() == (platform.machine() == "x86_64")
+    g = torch.Generator().manual_seed(k)
+    x0 = (torch.randn(k * 16, 8, 6, 5, generator=g) * 3 + 1).to(dtype).contiguous(memory_format=layout)
+    other = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
+    upstream = torch.randn(x0.shape, generator=g).to(dtype).contiguous(
+        memory_format=layout if upstream_layout == "same" else other)
+    weight0, bias0 = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    if dtype == torch.float64:
+        weight0, bias0 = weight0.double(), bias0.double()
+
+    def run() -> list:
+        x = x0.clone().requires_grad_(needs != "parameters only")
+        weight, bias = ((None, None) if needs == "no affine" else
+                        (t.clone().requires_grad_(needs != "input only") for t in (weight0, bias0)))
+        y, mean, var = _GroupedBatchNorm.apply(x, weight, bias, k, 1e-5)
+        y.backward(upstream)
+        assert y.is_contiguous(memory_format=layout) and y.dtype == dtype
+        return [y, mean, var, x.grad] + ([] if weight is None else [weight.grad, bias.grad])
+
+    with threads(3):
+        kernel_many = run()
+    with threads(1):
+        kernel_one = run()
+    monkeypatch.setattr(megabatch_nn, "_cpu_kernel", lambda x: None)
+    with threads(1 if k > 1 else 3):
+        loop = run()
+    for many, one, reference in zip(kernel_many, kernel_one, loop):
+        assert (many is None) == (one is None) == (reference is None)
+        if reference is not None:
+            assert many.dtype == reference.dtype and torch.equal(many, reference)
+            assert torch.equal(one, reference) or k == 1  # one group's kernel rounds by its thread count
+
+
+def test_the_groups_run_side_by_side_on_the_threads():
+    kernel = cpu_kernel()
+    with threads(2):
+        assert sorted(set(kernel.group_threads(8))) == [0, 1]
+        assert kernel.group_threads(1) == [0]  # one group: inline, its kernel keeps every thread
+    with threads(1):
+        assert set(kernel.group_threads(8)) == {0}
+
+
+def test_a_double_backward_takes_the_python_loop_and_is_right():
+    """The kernel's backward records no graph, so create_graph=True goes through the Python
+    loop, whose second derivatives PyTorch's gradgradcheck confirms numerically."""
+    from megabatch.nn import _GroupedBatchNorm
+
+    cpu_kernel()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(2, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    bias = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    first = lambda x, w, b: _GroupedBatchNorm.apply(x, w, b, 3, 1e-5)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(first, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(first, (x, weight, bias))
+
+
+def test_under_a_python_dispatch_mode_the_groups_run_through_the_dispatcher():
+    """A Python dispatch mode (a profiler's counter, FakeTensorMode) must see every op, and
+    worker threads could not run its Python code while the caller holds the GIL: there the
+    kernel runs the groups one by one through the dispatcher (it used to hang)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    cpu_kernel()
+    layer = GhostBatchNorm2d(3, 4)
+    x = torch.randn(16, 3, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with threads(2), Seen() as seen:
+        layer(x).sum().backward()
+    assert seen.ops.count("native_batch_norm.out") == 4 and seen.ops.count("native_batch_norm_backward.default") == 4
+    plain = GhostBatchNorm2d(3, 4)
+    expected = x.detach().clone().requires_grad_()
+    plain(expected).sum().backward()
+    assert torch.equal(x.grad, expected.grad) or torch.allclose(x.grad, expected.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_bn_trains_under_inference_mode_too():
+    """Worker threads take the caller's thread-local state: a training-mode pass under
+    torch.inference_mode (whose tensors must not be written outside it) runs, and equals
+    the same pass under no_grad."""
+    cpu_kernel()
+    x = torch.randn(16, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    with threads(2):
+        with torch.inference_mode():
+            y_inference = GhostBatchNorm2d(3, 4)(x)
+        with torch.no_grad():
+            y_no_grad = GhostBatchNorm2d(3, 4)(x)
+    assert torch.equal(y_inference, y_no_grad)
+
+
+def test_the_kernel_falls_back_to_python_with_one_warning_where_it_cannot_be_built(tmp_path):
+    """No working compiler: one warning that says what builds it, and ghost BN still runs."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import warnings, torch\n"
+              "from megabatch import kernels\n"
+              "from megabatch.nn import GhostBatchNorm2d\n"
+              "with warnings.catch_warnings(record=True) as caught:\n"
+              "    warnings.simplefilter('always')\n"
+              "    y = GhostBatchNorm2d(3, 4)(torch.randn(8, 3, 2, 2))\n"
+              "    GhostBatchNorm2d(3, 4)(torch.randn(8, 3, 2, 2))\n"
+              "print(kernels.load('grouped_batch_norm'), len(caught), tuple(y.shape))\n"
+              "print(caught[0].message)\n")
+    env = {**os.environ, "MEGABATCH_KERNEL_CACHE": str(tmp_path), "CXX": "/bin/false"}
+    env.pop("MEGABATCH_NO_KERNELS", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, message = out.stdout.splitlines()[:2]
+    assert first == "None 1 (8, 3, 2, 2)"
+    assert "could not be built" in message and "Python form" in message
