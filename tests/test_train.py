@@ -266,6 +266,27 @@ def test_cuda_runs_autotune_cudnn_unless_the_recipe_says_no(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
 
 
+@pytest.fixture
+def tf32_flags():
+    """Both process-wide TF32 flags set (cuBLAS's is no plain attribute for monkeypatch), then restored."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_fp32_on_cuda_is_ieee_fp32_unless_the_recipe_allows_tf32(tf32_flags):
+    # PyTorch's own default lets cuDNN's fp32 convolutions use TF32; a recipe's "fp32" is fp32.
+    configure_backends(torch.device("cpu"), recipes.load("fashion-mnist-demo"))
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # the CPU: untouched
+    configure_backends(torch.device("cuda"), recipes.load("fashion-mnist-demo"))
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"  # one consistent setting: PyTorch can still read it
+    configure_backends(torch.device("cuda"), recipes.load("fashion-mnist-demo", ["train.tf32=true"]))
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == "high"
+
+
 def test_tensorboard_event_files_hold_the_logged_metrics(tmp_path, capsys, fashion_dir):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     out = tmp_path / "run"

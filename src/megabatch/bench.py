@@ -82,22 +82,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def matmul_flops(s: Settings, precision: str) -> float:
-    """FLOP/s of a large square matmul in ``precision`` (fp32 on CUDA: with TF32, which
-    cuDNN convolutions use by default): the device's attainable matrix throughput."""
+    """FLOP/s of a large square matmul in ``precision`` (fp32 on CUDA: with TF32 where the
+    recipe's ``train.tf32`` asks for it, as its steps are): the device's attainable matrix
+    throughput."""
     import torch
+
+    from megabatch import recipe as recipes
 
     n = matmul_size(s)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     a, b = (torch.randn(n, n, device=s.device).to(dtype) for _ in range(2))
     calls = 10 if s.device != "cpu" else 1
     timed = replace(s, steps=5 if s.device != "cpu" else 2, repeats=1 if s.quick else 3)
-    previous = torch.get_float32_matmul_precision()
-    if s.device != "cpu":
-        torch.set_float32_matmul_precision("high")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = recipes.load(RECIPE).train.tf32
     try:
         timing = measure(lambda: [a @ b for _ in range(calls)], timed, 1, warmup=1)
     finally:
-        torch.set_float32_matmul_precision(previous)
+        torch.backends.cuda.matmul.allow_tf32 = previous
     return 2 * n ** 3 * calls * timing["images_per_s"]
 
 
@@ -134,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
             "complete": False,
             "settings": {**asdict(s), "recipe": RECIPE, "data": args.data or "generated (megabatch.data.tiny_imagenet)",
                          "training_images": images, "ghost_bn": ghost_bn_implementation(device),
-                         "cudnn_benchmark": recipes.load(RECIPE).train.cudnn_benchmark}}
+                         "cudnn_benchmark": recipes.load(RECIPE).train.cudnn_benchmark,
+                         "tf32": recipes.load(RECIPE).train.tf32}}
 
         def save() -> None:
             try:

@@ -97,14 +97,15 @@ def plain_name(config: Config) -> str:
 def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
     """A user's own loop at ``config``'s precision, memory format and compile setting:
     torchvision ResNet-50, nn.BatchNorm2d over the whole batch, momentum SGD (PyTorch's
-    default foreach path), autocast and, in fp16, a GradScaler; cuDNN autotuning as in
-    megabatch's runs. Nothing of megabatch's emulation: the ratio prices it alone."""
+    default foreach path), autocast and, in fp16, a GradScaler; cuDNN autotuning and TF32
+    (the recipe's ``train.tf32``: off) as in megabatch's runs. Nothing of megabatch's
+    emulation: the ratio prices it alone."""
     import torch
     import torch.nn.functional as F
     import torchvision
 
     from megabatch import recipe as recipes
-    from megabatch.build import AUTOCAST_DTYPES, memory_format
+    from megabatch.build import AUTOCAST_DTYPES, configure_backends, memory_format
     from megabatch.data import synthetic
 
     torch.manual_seed(0)
@@ -131,14 +132,14 @@ def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
             optimizer.step()
         optimizer.zero_grad()
 
-    autotune = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = recipes.load(RECIPE).train.cudnn_benchmark
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    configure_backends(torch.device(s.device), recipes.load(RECIPE))  # as in megabatch's runs
     try:
         result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
         if profile:
             result["profile"] = bench_profile.profile_steps(step, s.device)
     finally:
-        torch.backends.cudnn.benchmark = autotune
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     del model, net, optimizer
     release()
     return result

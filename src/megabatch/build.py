@@ -79,9 +79,13 @@ def memory_format(setting: str = "auto") -> torch.memory_format:
 
 
 def configure_backends(device: torch.device, recipe: Recipe) -> None:
-    """The process-wide settings of the run's device: cuDNN autotuning on CUDA."""
+    """The process-wide settings of the run's device, on CUDA: cuDNN autotuning, and TF32
+    in fp32 convolutions and matmuls only where the recipe asks for it."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = recipe.train.cudnn_benchmark
+        # The per-backend flags: torch.set_float32_matmul_precision would reach the CPU too.
+        torch.backends.cudnn.allow_tf32 = recipe.train.tf32
+        torch.backends.cuda.matmul.allow_tf32 = recipe.train.tf32
 
 
 # --- the parts -----------------------------------------------------------------------------

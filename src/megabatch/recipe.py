@@ -207,6 +207,11 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     """On CUDA, let cuDNN time its convolution algorithms for the run's shapes and keep the
     fastest (``torch.backends.cudnn.benchmark``); false for runs that must repeat bitwise."""
+    tf32: bool = False
+    """On CUDA, let fp32 convolutions and matmuls run on TF32 tensor cores (10-bit mantissa
+    products): faster on Ampere and later, not fp32. Off by default, so that "fp32" means
+    the same arithmetic on every device (PyTorch's own default lets cuDNN's convolutions use
+    TF32). Under bf16 or fp16 autocast it touches only what stays in fp32."""
     checkpoint_every: Count = 0
     """Also write a checkpoint every N optimizer steps (0 = only at epoch ends)."""
     tensorboard: bool = False
