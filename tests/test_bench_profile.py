@@ -51,6 +51,13 @@ def test_host_operators_are_ranked_on_a_gpu_too():
     assert s["top"][0]["ms_per_step"] == pytest.approx(0.25) and s["top"][2]["calls_per_step"] == 20
 
 
+def test_the_most_called_operators_say_where_launches_come_from():
+    s = bench_profile.summarize(GPU_ROWS, calls=2, wall_s=0.010, on_device=True)
+    assert s["most_called"] == [{"name": "aten::convolution", "calls_per_step": 2},
+                                {"name": "aten::_local_scalar_dense", "calls_per_step": 1}]
+    assert bench_profile.lines("m", s)[-1] == "    most called: convolution x2, _local_scalar_dense x1"
+
+
 def test_cpu_rows_rank_host_operators():
     s = bench_profile.summarize(GPU_ROWS[:4], calls=1, wall_s=0.002, on_device=False)
     assert "device_ms_per_step" not in s and "top_kernels" not in s

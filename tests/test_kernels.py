@@ -65,10 +65,10 @@ def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, ne
         x = x0.clone().requires_grad_(needs != "parameters only")
         weight, bias = ((None, None) if needs == "no affine" else
                         (t.clone().requires_grad_(needs != "input only") for t in (weight0, bias0)))
-        y, mean, var = _GroupedBatchNorm.apply(x, weight, bias, k, 1e-5)
+        y, stats = _GroupedBatchNorm.apply(x, weight, bias, k, 1e-5)
         y.backward(upstream)
         assert y.is_contiguous(memory_format=layout) and y.dtype == dtype
-        return [y, mean, var, x.grad] + ([] if weight is None else [weight.grad, bias.grad])
+        return [y, stats, x.grad] + ([] if weight is None else [weight.grad, bias.grad])
 
     with threads(3):
         kernel_many = run()

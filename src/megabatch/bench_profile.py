@@ -4,8 +4,9 @@
 :func:`profile_steps` profiles a few calls of a step; :func:`summarize` turns the
 profiler's per-operator averages into a few numbers per step: the wall time, on a GPU the
 device's busy time and its kernels (how much of the step the GPU computes, and how many
-launches the host pays for), the host's waits for the device (each a pipeline stall), and
-the operators that take the most device time (kernels) and the most host time. :func:`summarize` is a
+launches the host pays for), the host's waits for the device (each a pipeline stall),
+the operators that take the most device time (kernels) and the most host time, and the
+operators called most often (where the launches come from). :func:`summarize` is a
 pure function of the rows, so it is tested without a profiler.
 """
 
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterable
 HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 SCALAR_READS = ("aten::_local_scalar_dense",)
 TOP = 12
+MOST_CALLED = 20
 
 
 def summarize(rows: Iterable[Any], calls: int, wall_s: float, on_device: bool) -> dict[str, Any]:
@@ -52,6 +54,9 @@ def summarize(rows: Iterable[Any], calls: int, wall_s: float, on_device: bool) -
         summary["top_kernels"] = ranked(kernels, "self_device_time_total")
     # The host's own time by operator: on a GPU, what a launch-bound step spends its time on.
     summary["top"] = ranked(host, "self_cpu_time_total")
+    # The operators called most often (nested calls included): where a GPU's launches come from.
+    ops = sorted((r for r in host if r.key.startswith("aten::")), key=lambda r: r.count, reverse=True)[:MOST_CALLED]
+    summary["most_called"] = [{"name": r.key, "calls_per_step": r.count * per_step} for r in ops]
     return summary
 
 
@@ -89,5 +94,7 @@ def lines(name: str, summary: dict[str, Any], top: int = 5) -> list[str]:
     head += (f", host {summary['host_ms_per_step']:.1f} ms, {summary['host_waits_per_step']:.0f} waits for the "
              f"device, {summary['scalar_reads_per_step']:.0f} scalar reads")
     ops = (summary["top_kernels"] if "top_kernels" in summary else summary["top"])[:top]
+    called = ", ".join(f"{op['name'].removeprefix('aten::')} x{op['calls_per_step']:g}"
+                       for op in summary.get("most_called", [])[:6])
     return [head] + [f"    {100 * op['share']:5.1f}%  {op['ms_per_step']:8.2f} ms  x{op['calls_per_step']:<5g} "
-                     f"{op['name'][:90]}" for op in ops]
+                     f"{op['name'][:90]}" for op in ops] + ([f"    most called: {called}"] if called else [])

@@ -74,22 +74,23 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if torch.compiler.is_compiling():
             # Inductor fuses the regrouping into its own kernels.
-            y, mean, var = _regrouped_batch_norm(x, self.weight, self.bias, k, self.eps)
+            y, stats = _regrouped_batch_norm(x, self.weight, self.bias, k, self.eps)
         else:
-            y, mean, var = _GroupedBatchNorm.apply(x, self.weight, self.bias, k, self.eps)
+            y, stats = _GroupedBatchNorm.apply(x, self.weight, self.bias, k, self.eps)
         if self.track_running_stats:
-            self._update_running_stats(mean.mean(0), var.mean(0))
+            self._update_running_stats(stats.mean(1))  # both averages over the groups in one kernel
         return y
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        # The same rule as nn.BatchNorm2d: momentum=None is a cumulative average.
+    def _update_running_stats(self, stats: torch.Tensor) -> None:
+        """The same rule as nn.BatchNorm2d (momentum=None: a cumulative average), given the
+        (2, C) mean and unbiased variance of this batch."""
         self.num_batches_tracked.add_(1)
         # A tensor weight keeps torch.compile from breaking the graph on the counter's value.
-        factor = (1.0 / self.num_batches_tracked.to(self.running_mean.dtype) if self.momentum is None
+        factor = (self.num_batches_tracked.to(self.running_mean.dtype).reciprocal_() if self.momentum is None
                   else self.momentum)
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(var.to(self.running_var.dtype), factor)
+        self.running_mean.lerp_(stats[0].to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(stats[1].to(self.running_var.dtype), factor)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -103,33 +104,35 @@ class _GroupedBatchNorm(torch.autograd.Function):
     the loop runs in C++ (:mod:`megabatch.kernels`), the slices side by side on
     the intra-op threads; elsewhere, or where that kernel is not built, in Python.
 
-    Returns ``(y, mean, var)``, the last two of shape (k, C): each group's mean
-    and unbiased variance (PyTorch's running-statistics rule with momentum 1,
-    which stores exactly the batch's figures), not differentiable.
+    Returns ``(y, stats)``, ``stats`` of shape (2, k, C): each group's mean and
+    unbiased variance (PyTorch's running-statistics rule with momentum 1, which stores
+    exactly the batch's figures, from a zero start), not differentiable.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, k, eps):
         kernel = _cpu_kernel(x)
         if kernel is not None:  # the same loop in C++, the groups side by side on the CPU's threads
-            y, mean, var, saved_mean, saved_invstd = kernel.forward(x, weight, bias, k, eps)
+            y, stats, saved_mean, saved_invstd = kernel.forward(x, weight, bias, k, eps)
         else:
-            # One buffer for the four (k, C) statistics; unbind gives each group's rows as views.
-            mean, var, saved_mean, saved_invstd = torch.empty(
-                4, k, x.shape[1], device=x.device, dtype=_stat_dtype(x)).unbind(0)
-            mean.zero_()
-            var.fill_(1.0)
+            # One buffer (one launch) for the four (k, C) statistics. With momentum 1 the
+            # zeros that the running statistics start from count 0 times: 1 * batch + 0 * 0.
+            buffer = torch.zeros(4, k, x.shape[1], device=x.device, dtype=_stat_dtype(x))
+            stats, (mean, var, saved_mean, saved_invstd) = buffer[:2], buffer.unbind(0)
             y = torch.empty_like(x)  # keeps x's memory format; slices along N stay dense
             for xi, yi, m, v, sm, si in zip(x.chunk(k), y.chunk(k), mean.unbind(0), var.unbind(0),
                                             saved_mean.unbind(0), saved_invstd.unbind(0)):
                 torch.native_batch_norm(xi, weight, bias, m, v, True, 1.0, eps, out=(yi, sm, si))
         ctx.save_for_backward(x, weight, saved_mean, saved_invstd)
         ctx.k, ctx.eps = k, eps
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zeros for the statistics' gradients, which are unused
+        return y, stats
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
+    def backward(ctx, grad_y, _grad_stats):
+        if grad_y is None:  # not materialized: a zero gradient, which gives zeros (None) everywhere
+            return None, None, None, None, None
         x, weight, saved_mean, saved_invstd = ctx.saved_tensors
         affine = weight is not None
         mask = [ctx.needs_input_grad[0], affine and ctx.needs_input_grad[1],
@@ -158,8 +161,11 @@ class _GroupedBatchNorm(torch.autograd.Function):
             grad_biases.append(gb)
         if mask[0] and grad_x is None:
             grad_x = torch.cat(pieces)
-        return (grad_x, torch.stack(grad_weights).sum(0) if mask[1] else None,
-                torch.stack(grad_biases).sum(0) if mask[2] else None, None, None)
+        # The groups' parameter gradients summed in one stack and one sum, as the kernel does.
+        wanted = [grads for grads, needed in ((grad_weights, mask[1]), (grad_biases, mask[2])) if needed]
+        sums = torch.stack([g for grads in wanted for g in grads]).unflatten(0, (len(wanted), ctx.k)).sum(1) \
+            if wanted else None
+        return grad_x, sums[0] if mask[1] else None, sums[-1] if mask[2] else None, None, None
 
 
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
@@ -198,12 +204,11 @@ def _regrouped_batch_norm(x: torch.Tensor, weight: torch.Tensor | None,
     side by side as channels, (b, k*c, H, W): two regrouping copies, which a
     compiler fuses away. Same outputs."""
     c = x.shape[1]
-    mean = torch.zeros(k * c, device=x.device, dtype=_stat_dtype(x))
-    var = torch.ones_like(mean)
-    y = F.batch_norm(_groups_as_channels(x, k), mean, var,
+    stats = torch.zeros(2, k * c, device=x.device, dtype=_stat_dtype(x))
+    y = F.batch_norm(_groups_as_channels(x, k), stats[0], stats[1],
                      weight.repeat(k) if weight is not None else None,
                      bias.repeat(k) if bias is not None else None, True, 1.0, eps)
-    return _channels_as_groups(y, k), mean.view(k, c), var.view(k, c)
+    return _channels_as_groups(y, k), stats.view(2, k, c)
 
 
 def _groups_as_channels(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -67,24 +67,23 @@ constexpr bool kWritesInPlace = MEGABATCH_ATEN_BACKWARD_KERNEL;
 
 }  // namespace
 
-// (y, mean, var, save_mean, save_invstd): the last four (k, C), as the Python loop returns
-// them: each group's mean and unbiased variance (BN's running-statistics rule with momentum
-// 1 stores exactly the batch's figures), and what the backward needs.
+// (y, stats, save_mean, save_invstd), as the Python loop returns them: stats (2, k, C), each
+// group's mean and unbiased variance (BN's running-statistics rule with momentum 1 stores
+// exactly the batch's figures, from zeros that count 0 times), and the two (k, C) that the
+// backward needs.
 std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& weight,
                             const c10::optional<Tensor>& bias, int64_t k, double eps) {
   TORCH_CHECK(k >= 1 && x.size(0) % k == 0, "grouped_batch_norm: ", x.size(0), " images do not split into ",
               k, " groups");
-  auto stats = at::empty({4, k, x.size(1)}, x.options().dtype(stat_type(x)));
-  auto mean = stats[0], var = stats[1], save_mean = stats[2], save_invstd = stats[3];
-  mean.zero_();
-  var.fill_(1.0);
+  auto buffer = at::zeros({4, k, x.size(1)}, x.options().dtype(stat_type(x)));
+  auto mean = buffer[0], var = buffer[1], save_mean = buffer[2], save_invstd = buffer[3];
   auto y = at::empty_like(x);  // keeps x's memory format: slices along N stay dense
   auto xs = x.chunk(k), ys = y.chunk(k);
   for_each_group(k, plain_aten(x), [&](int64_t g) {
     auto sm = save_mean[g], si = save_invstd[g];
     at::native_batch_norm_out(ys[g], sm, si, xs[g], weight, bias, mean[g], var[g], true, 1.0, eps);
   });
-  return {y, mean, var, save_mean, save_invstd};
+  return {y, buffer.narrow(0, 0, 2), save_mean, save_invstd};
 }
 
 // (grad_x, grad_weight, grad_bias), undefined where mask is false.
