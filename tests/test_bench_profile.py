@@ -58,6 +58,22 @@ def test_the_most_called_operators_say_where_launches_come_from():
     assert bench_profile.lines("m", s)[-1] == "    most called: convolution x2, _local_scalar_dense x1"
 
 
+def test_each_wait_for_the_device_is_traced_to_the_operators_around_it():
+    def event(name, parent=None):
+        return SimpleNamespace(name=name, cpu_parent=parent)
+
+    tolist = event("aten::copy_", event("aten::tolist"))
+    events = [tolist, event("cudaStreamSynchronize", tolist), event("cudaLaunchKernel", tolist),
+              event("cudaStreamSynchronize", tolist), event("cudaDeviceSynchronize")]
+    assert bench_profile.wait_origins(events, calls=2) == [
+        {"chain": "aten::tolist > aten::copy_ > cudaStreamSynchronize", "per_step": 1.0},
+        {"chain": "cudaDeviceSynchronize", "per_step": 0.5}]
+    printed = bench_profile.lines("m", {**bench_profile.summarize(GPU_ROWS, 2, 0.01, True),
+                                        "waits_from": bench_profile.wait_origins(events, calls=2)})
+    assert printed[-2:] == ["    wait x1 from aten::tolist > aten::copy_ > cudaStreamSynchronize",
+                            "    wait x0.5 from cudaDeviceSynchronize"]
+
+
 def test_cpu_rows_rank_host_operators():
     s = bench_profile.summarize(GPU_ROWS[:4], calls=1, wall_s=0.002, on_device=False)
     assert "device_ms_per_step" not in s and "top_kernels" not in s

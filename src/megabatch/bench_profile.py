@@ -60,6 +60,23 @@ def summarize(rows: Iterable[Any], calls: int, wall_s: float, on_device: bool) -
     return summary
 
 
+def wait_origins(events: Iterable[Any], calls: int) -> list[dict[str, Any]]:
+    """Where each wait for the device was called from, per step: the chain of operators
+    around it, outermost first (e.g. "aten::tolist > aten::copy_ > cudaStreamSynchronize"),
+    from profiler events (objects with ``name`` and ``cpu_parent``)."""
+    chains: dict[str, int] = {}
+    for event in events:
+        if event.name not in HOST_WAITS:
+            continue
+        names, parent = [event.name], event.cpu_parent
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        chain = " > ".join(reversed(names))
+        chains[chain] = chains.get(chain, 0) + 1
+    return [{"chain": chain, "per_step": n / calls} for chain, n in sorted(chains.items(), key=lambda c: -c[1])]
+
+
 def profile_steps(step: Callable[[], Any], device: str, calls: int = 2) -> dict[str, Any]:
     """Profile ``calls`` calls of ``step`` (already warmed up) on ``device`` ("cpu" or
     "cuda:N"); the summary, or ``{"error": ...}`` if the profiler itself failed (the
@@ -78,7 +95,7 @@ def profile_steps(step: Callable[[], Any], device: str, calls: int = 2) -> dict[
                 step()
             sync()
             wall = time.perf_counter() - start
-        return summarize(prof.key_averages(), calls, wall, cuda)
+        return {**summarize(prof.key_averages(), calls, wall, cuda), "waits_from": wait_origins(prof.events(), calls)}
     except RuntimeError as err:  # e.g. CUPTI unavailable in a sandbox
         return {"error": f"torch.profiler failed: {err}"}
 
@@ -97,4 +114,5 @@ def lines(name: str, summary: dict[str, Any], top: int = 5) -> list[str]:
     called = ", ".join(f"{op['name'].removeprefix('aten::')} x{op['calls_per_step']:g}"
                        for op in summary.get("most_called", [])[:6])
     return [head] + [f"    {100 * op['share']:5.1f}%  {op['ms_per_step']:8.2f} ms  x{op['calls_per_step']:<5g} "
-                     f"{op['name'][:90]}" for op in ops] + ([f"    most called: {called}"] if called else [])
+                     f"{op['name'][:90]}" for op in ops] + ([f"    most called: {called}"] if called else []) + [
+        f"    wait x{w['per_step']:g} from {w['chain'][-110:]}" for w in summary.get("waits_from", [])[:4]]
