@@ -100,8 +100,12 @@ bench() {
   else
     # 224 px, batch 256 (the GPU defaults); the paper-recipe step beside the plain loop at
     # each precision in channels-last, then compiled at the fastest; 10 steps x 3 repeats.
+    # Compiled in CUDA graphs (reduce-overhead): on the H200 (2026-12-04) the compiled step in
+    # the default mode waited on its host (GPU busy 53%, 2,157 launches per step); that
+    # mode's figures are in nvidia-h200-2026-12-04.json. BENCH_COMPILE_MODE=default repeats it.
     run bench "${BENCH_SECONDS:-330}" "$py" -m megabatch bench --out "$out/results" --steps 10 --repeats 3 \
-        --precisions "${BENCH_PRECISIONS:-bf16,fp16}" --memory-formats channels_last
+        --precisions "${BENCH_PRECISIONS:-bf16,fp16}" --memory-formats channels_last \
+        --compile-mode "${BENCH_COMPILE_MODE:-reduce-overhead}"
   fi
 }
 

@@ -242,6 +242,9 @@ def test_interleaved_runs_the_configurations_in_turn():
     (["--model", "small-cnn", "--batch", "100"], "not divisible by per_worker_batch"),
     (["--model", "small-cnn", "--batch", "64"], "the noise scale needs two or more"),
     (["--model", "small-cnn", "--warmup", "0"], "--warmup 0 needs --steps N"),
+    (["--device", "cpu", "--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead measures a "
+                                                               "compiled step: add --compile"),
+    (["--model", "small-cnn", "--compile-mode", "max-autotune"], "--compile-mode is for --model resnet50"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
     out = tmp_path / "results"
@@ -249,6 +252,27 @@ def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("megabatch: error: ") and err.count("\n") == 1 and message in err
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_a_compile_mode_names_both_steps_and_reaches_both(tmp_path, monkeypatch):
+    from megabatch.bench_settings import Settings
+    from megabatch.bench_steps import Config, megabatch_run, plain_name, time_plain
+
+    assert Config("bf16", "channels_last").name == "megabatch bf16 channels_last eager"
+    assert Config("bf16", "channels_last", True).name == "megabatch bf16 channels_last compiled"
+    graphs = Config("bf16", "channels_last", True, "reduce-overhead")
+    assert graphs.name == "megabatch bf16 channels_last compiled (reduce-overhead)"
+    assert plain_name(graphs) == "plain PyTorch bf16 channels_last compiled (reduce-overhead)"
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    s = Settings(device="cpu", image_size=32, batch=8, steps=1, warmup=0, repeats=1, per_worker_batch=4,
+                 precisions=("fp32",), memory_formats=("contiguous",), compile=True, profile=False, quick=True,
+                 note="", compile_mode="reduce-overhead")
+    config = Config("fp32", "contiguous", True, "reduce-overhead")
+    assert megabatch_run(s, config, 4, tmp_path).recipe.train.compile_mode == "reduce-overhead"
+    time_plain(s, config)
+    assert modes == ["reduce-overhead", "reduce-overhead"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")

@@ -68,6 +68,8 @@ def test_overrides_are_typed():
     (["batch.micro_batch=48"], "micro_batch = 48 is not a multiple of"),
     (["schedule.factors=[1.0]"], "schedule.factors needs 4 values"),
     (["optimizer.lr_per_256"], "must look like section.key=value"),
+    (["train.compile_mode=fast"], "train.compile_mode = 'fast' is not one of"),
+    (["train.compile_mode=reduce-overhead"], "has no effect without train.compile = true"),
 ])
 def test_bad_recipe_values_are_one_line_errors_naming_the_key(override, message):
     with pytest.raises(UserError) as info:

@@ -255,6 +255,28 @@ def test_compiled_model_gives_the_eager_result(tmp_path, fashion_dir, layout, at
         torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
+def test_the_recipes_compile_mode_reaches_torch_compile(tmp_path, fashion_dir, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    for overrides in ([], ["train.compile=true"], ["train.compile=true", "train.compile_mode=reduce-overhead"]):
+        quiet_run(tmp_path / str(len(overrides)), ["batch.global_batch=128", *overrides])
+    assert modes == ["default", "reduce-overhead"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graphs_replay_the_compiled_step(tmp_path, fashion_dir):
+    # "reduce-overhead": the step's kernels recorded in CUDA graphs and replayed, with the
+    # BN statistics and the optimizer outside them; the result is the eager one's.
+    results = []
+    for mode in ([], ["train.compile=true", "train.compile_mode=reduce-overhead"]):
+        run = quiet_run(tmp_path / str(len(mode)), ["batch.global_batch=128", "train.max_steps=4", "optimizer.name=sgd",
+                                                    "train.device=cuda", *mode])
+        train_one_epoch(run, 0)
+        results.append({k: v.cpu() for k, v in state_of(run.model).items()})
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
 def test_cuda_runs_autotune_cudnn_unless_the_recipe_says_no(monkeypatch):
     # A process-wide flag: set on CUDA only, from train.cudnn_benchmark (default true).
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)

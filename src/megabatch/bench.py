@@ -39,7 +39,7 @@ from pathlib import Path
 
 from megabatch import bench_profile
 from megabatch.bench_report import COLUMNS, output_path, row, time_lines, where_the_time_goes
-from megabatch.bench_settings import Settings, settings
+from megabatch.bench_settings import COMPILE_MODES, Settings, settings
 from megabatch.bench_steps import RECIPE, Config, plain_name, time_megabatch, time_plain
 from megabatch.bench_timing import measure, peak_rss_bytes
 from megabatch.errors import UserError
@@ -67,6 +67,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                                  f"3 on a CPU; small-cnn: {bench_small.REPEATS}, interleaved)")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="resnet50: also measure torch.compile on the fastest eager setting (default: on a GPU)")
+    add("--compile-mode", metavar="MODE", choices=COMPILE_MODES,
+        help="resnet50: torch.compile's mode for both steps: default, reduce-overhead (CUDA graphs), "
+             "max-autotune, max-autotune-no-cudagraphs (default: default)")
     add("--precisions", metavar="LIST", help="resnet50: comma-separated, of fp32,bf16,fp16 "
                                              "(default: all three on a GPU, fp32,bf16 on a CPU)")
     add("--memory-formats", metavar="LIST", help="resnet50: comma-separated, of contiguous,channels_last "
@@ -247,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
                                       end["images_per_s"])
         eager = best
         if s.compile:
-            train(Config(best.precision, best.memory_format, compile=True))
+            train(Config(best.precision, best.memory_format, compile=True, compile_mode=s.compile_mode))
         best, best_m, best_plain = max(pairs, key=lambda e: e[1]["images_per_s"])
         result["mfu"]["best_train_step"] = {"name": best.name, "mfu": mfu(best_m, best.precision)}
         if s.profile:

@@ -11,6 +11,7 @@ from megabatch.bench_flags import at_least, wants_gpu
 from megabatch.errors import UserError
 
 GHOST_GROUP = 32  # the paper's images per worker
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Settings:
     profile: bool
     quick: bool
     note: str
+    compile_mode: str = "default"  # torch.compile's, for both steps
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -61,12 +63,16 @@ def settings(args: argparse.Namespace) -> Settings:
                          ("fp32",) if args.quick else ("fp32", "bf16", "fp16") if gpu else ("fp32", "bf16"))
     formats = choices(args.memory_formats, "memory-formats", ("contiguous", "channels_last"),
                       ("contiguous",) if args.quick else ("contiguous", "channels_last"))
+    compile = args.compile if args.compile is not None else gpu and not args.quick
+    mode = getattr(args, "compile_mode", None)
+    if mode is not None and not compile:
+        raise UserError(f"--compile-mode {mode} measures a compiled step: add --compile")
     return Settings(
         device="cuda:0" if gpu else "cpu", image_size=size, batch=batch, steps=steps, warmup=warmup,
         repeats=repeats, per_worker_batch=group, precisions=precisions, memory_formats=formats,
-        compile=args.compile if args.compile is not None else gpu and not args.quick,
+        compile=compile,
         profile=args.profile if args.profile is not None else gpu and not args.quick,
-        quick=args.quick, note=note.lstrip("; "))
+        quick=args.quick, note=note.lstrip("; "), compile_mode=mode or "default")
 
 
 def choices(value: str | None, flag: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:

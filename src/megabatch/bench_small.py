@@ -44,7 +44,7 @@ REPEAT_SECONDS = 3.0  # without --steps: steps per timed repeat sized to last ab
 REPEATS = 9
 GHOST_TARGET = 0.95  # issue 10: ghost BN at >= 0.95x plain BN's images/s
 NOISE_TARGET = 0.05  # issue 14: train.noise_scale=true costs <= 5% of the step
-RESNET_ONLY = ("image_size", "data", "compile")
+RESNET_ONLY = ("image_size", "data", "compile", "compile_mode")
 
 
 @dataclass(frozen=True)

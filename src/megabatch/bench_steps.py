@@ -25,10 +25,17 @@ class Config:
     precision: str
     memory_format: str
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's, with compile
 
     @property
     def name(self) -> str:
-        return f"megabatch {self.precision} {self.memory_format} {'compiled' if self.compile else 'eager'}"
+        return f"megabatch {self.precision} {self.memory_format} {self.compiled}"
+
+    @property
+    def compiled(self) -> str:
+        if not self.compile:
+            return "eager"
+        return "compiled" + (f" ({self.compile_mode})" if self.compile_mode != "default" else "")
 
 
 
@@ -45,7 +52,8 @@ def megabatch_run(s: Settings, config: Config, per_worker: int, out: Path, jpegs
     b = s.batch
     values = {"batch.global_batch": b, "batch.micro_batch": b, "batch.per_worker_batch": per_worker,
               "train.precision": config.precision, "train.memory_format": config.memory_format,
-              "train.compile": config.compile, "train.device": s.device.split(":")[0]}
+              "train.compile": config.compile, "train.compile_mode": config.compile_mode if config.compile else "default",
+              "train.device": s.device.split(":")[0]}
     if jpegs is None:
         values.update({"data.dataset": "synthetic", "data.synthetic_size": [2 * b, b, s.image_size, 3, 1000]})
     else:
@@ -91,7 +99,7 @@ def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpeg
 
 
 def plain_name(config: Config) -> str:
-    return f"plain PyTorch {config.precision} {config.memory_format} {'compiled' if config.compile else 'eager'}"
+    return f"plain PyTorch {config.precision} {config.memory_format} {config.compiled}"
 
 
 def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
@@ -112,7 +120,7 @@ def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
     layout = memory_format(config.memory_format)
     model = torchvision.models.resnet50().to(s.device, memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * s.batch / 256, momentum=0.9)
-    net = torch.compile(model) if config.compile else model
+    net = torch.compile(model, mode=config.compile_mode) if config.compile else model
     dtype = AUTOCAST_DTYPES[config.precision]
     device_type = torch.device(s.device).type
     scaler = torch.amp.GradScaler(device_type) if config.precision == "fp16" else None

@@ -141,7 +141,7 @@ def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
     # Compile, then wrap (torchtitan's order): DDP sees the compiled module, nothing
     # reaches into torch.compile's wrapper. DDP broadcasts rank 0's parameters: all
     # ranks start equal.
-    run.net = wrap_model(torch.compile(model) if t.compile else model, dist, t.comm_dtype)
+    run.net = wrap_model(torch.compile(model, mode=t.compile_mode) if t.compile else model, dist, t.comm_dtype)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if state is None or not (out_dir / "recipe.toml").is_file():  # a resumed run's is its own already
@@ -309,7 +309,7 @@ def describe(run: Run) -> str:
                  f"{r.optimizer.weight_decay:g}{' (not on BN/bias)' if r.optimizer.no_decay_bn_bias else ''}; "
                  f"bn {r.model.bn}; model {r.model.arch}; {r.train.precision} compute, "
                  f"{'channels-last' if run.layout == torch.channels_last else 'contiguous'}"
-                 f"{', compiled' if r.train.compile else ''}; gradients all-reduced in {r.train.comm_dtype}")
+                 f"{compiled(r.train)}; gradients all-reduced in {r.train.comm_dtype}")
     held = (f" ({len(run.validation_data)} more held out for validation)"
             if run.validation_data is not None else "")
     lines.append(f"  {len(run.train_data)} training images{held}, {steps} steps/epoch, {r.train.epochs} epochs "
@@ -320,6 +320,13 @@ def describe(run: Run) -> str:
                      f"{p.micro_batch} images per step" if p.micro_batches > 1 else "  gradient noise scale: NOT measured: a step has a single micro-batch "
                      "per process (set batch.micro_batch to a part of the process's share of the batch)")
     return "\n".join(lines)
+
+
+def compiled(t) -> str:
+    """", compiled" (and its mode, where it is not the default) for a summary line."""
+    if not t.compile:
+        return ""
+    return ", compiled" + (f" ({t.compile_mode})" if t.compile_mode != "default" else "")
 
 
 def _count(n: int, noun: str) -> str:

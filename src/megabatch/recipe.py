@@ -204,6 +204,12 @@ class TrainConfig:
     """"channels_last", "contiguous" or "auto" (channels-last: faster on GPUs and CPUs alike)."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode, with ``compile`` on: "reduce-overhead" records the step's kernels
+    in CUDA graphs and replays them, which takes the host's launch cost out of a step that
+    waits on its host (ResNet-50 at 256 on an H200 did); "max-autotune" also times kernel
+    variants (much longer compilation). CUDA graphs need a GPU; elsewhere a mode compiles
+    as "default" does, less the graphs."""
     cudnn_benchmark: bool = True
     """On CUDA, let cuDNN time its convolution algorithms for the run's shapes and keep the
     fastest (``torch.backends.cudnn.benchmark``); false for runs that must repeat bitwise."""
@@ -262,6 +268,9 @@ class Recipe:
         if d.dataset == "imagenet" and d.resize_size < d.image_size:
             raise UserError(f"data.resize_size = {d.resize_size} is smaller than data.image_size = "
                             f"{d.image_size}: the evaluation crop must fit in the resized image")
+        if self.train.compile_mode != "default" and not self.train.compile:
+            raise UserError(f"train.compile_mode = {self.train.compile_mode!r} has no effect without "
+                            f"train.compile = true: set both")
         if d.dataset == "synthetic" and len(d.synthetic_size) != 5:
             raise UserError("data.synthetic_size needs 5 values: train images, test images, "
                             "image size, channels, classes")
