@@ -245,6 +245,7 @@ def test_interleaved_runs_the_configurations_in_turn():
     (["--device", "cpu", "--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead measures a "
                                                                "compiled step: add --compile"),
     (["--model", "small-cnn", "--compile-mode", "max-autotune"], "--compile-mode is for --model resnet50"),
+    (["--compile", "--compile-mode", "fast"], "--compile-mode fast: give one of default, reduce-overhead, "),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
     out = tmp_path / "results"

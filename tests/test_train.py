@@ -263,13 +263,38 @@ def test_the_recipes_compile_mode_reaches_torch_compile(tmp_path, fashion_dir, m
     assert modes == ["default", "reduce-overhead"]
 
 
+def test_with_cuda_graphs_gradients_stay_the_runs_own_tensors(tmp_path, fashion_dir, monkeypatch):
+    # A CUDA graph's outputs are overwritten at its next replay, so under "reduce-overhead" the
+    # micro-batches add into gradients allocated once and zeroed after each step, never
+    # freed. The mechanism, without the graphs (torch.compile left out): the same tensors
+    # from step to step, and the same result as a run that frees them.
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)
+    results = []
+    for mode in ("default", "reduce-overhead"):
+        run = quiet_run(tmp_path / mode, ["batch.global_batch=128", "batch.micro_batch=64", "train.max_steps=3",
+                                          "train.compile=true", f"train.compile_mode={mode}"])
+        assert run.keep_grads == (mode == "reduce-overhead")
+        before = [p.grad for p in run.model.parameters()]
+        train_one_epoch(run, 0)
+        after = [p.grad for p in run.model.parameters()]
+        if run.keep_grads:
+            assert all(a is b for a, b in zip(after, before)) and all(not g.any() for g in after)
+        else:
+            assert all(g is None for g in before + after)
+        results.append(state_of(run.model))
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_graphs_replay_the_compiled_step(tmp_path, fashion_dir):
+@pytest.mark.parametrize("micro_batch", [128, 64])  # one micro-batch per step, or two adding their gradients
+def test_cuda_graphs_replay_the_compiled_step(tmp_path, fashion_dir, micro_batch):
     # "reduce-overhead": the step's kernels recorded in CUDA graphs and replayed, with the
     # BN statistics and the optimizer outside them; the result is the eager one's.
     results = []
     for mode in ([], ["train.compile=true", "train.compile_mode=reduce-overhead"]):
-        run = quiet_run(tmp_path / str(len(mode)), ["batch.global_batch=128", "train.max_steps=4", "optimizer.name=sgd",
+        run = quiet_run(tmp_path / str(len(mode)), ["batch.global_batch=128", f"batch.micro_batch={micro_batch}",
+                                                    "train.max_steps=4", "optimizer.name=sgd",
                                                     "train.device=cuda", *mode])
         train_one_epoch(run, 0)
         results.append({k: v.cpu() for k, v in state_of(run.model).items()})
@@ -290,11 +315,12 @@ def test_cuda_runs_autotune_cudnn_unless_the_recipe_says_no(monkeypatch):
 
 @pytest.fixture
 def tf32_flags():
-    """Both process-wide TF32 flags set (cuBLAS's is no plain attribute for monkeypatch), then restored."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    """Both process-wide TF32 flags set (cuBLAS's is no plain attribute for monkeypatch), then
+    restored, with cuDNN's autotuning, which configure_backends sets too."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
 def test_fp32_on_cuda_is_ieee_fp32_unless_the_recipe_allows_tf32(tf32_flags):

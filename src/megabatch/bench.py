@@ -67,9 +67,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                                  f"3 on a CPU; small-cnn: {bench_small.REPEATS}, interleaved)")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="resnet50: also measure torch.compile on the fastest eager setting (default: on a GPU)")
-    add("--compile-mode", metavar="MODE", choices=COMPILE_MODES,
-        help="resnet50: torch.compile's mode for both steps: default, reduce-overhead (CUDA graphs), "
-             "max-autotune, max-autotune-no-cudagraphs (default: default)")
+    add("--compile-mode", metavar="MODE",
+        help=f"resnet50: torch.compile's mode for both steps, one of {', '.join(COMPILE_MODES)} "
+             f"(reduce-overhead: CUDA graphs; default: default)")
     add("--precisions", metavar="LIST", help="resnet50: comma-separated, of fp32,bf16,fp16 "
                                              "(default: all three on a GPU, fp32,bf16 on a CPU)")
     add("--memory-formats", metavar="LIST", help="resnet50: comma-separated, of contiguous,channels_last "
@@ -91,18 +91,19 @@ def matmul_flops(s: Settings, precision: str) -> float:
     import torch
 
     from megabatch import recipe as recipes
+    from megabatch.build import set_tf32
 
     n = matmul_size(s)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     a, b = (torch.randn(n, n, device=s.device).to(dtype) for _ in range(2))
     calls = 10 if s.device != "cpu" else 1
     timed = replace(s, steps=5 if s.device != "cpu" else 2, repeats=1 if s.quick else 3)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = recipes.load(RECIPE).train.tf32
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_tf32(recipes.load(RECIPE).train.tf32)
     try:
         timing = measure(lambda: [a @ b for _ in range(calls)], timed, 1, warmup=1)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
     return 2 * n ** 3 * calls * timing["images_per_s"]
 
 

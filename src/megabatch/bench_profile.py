@@ -54,7 +54,10 @@ def summarize(rows: Iterable[Any], calls: int, wall_s: float, on_device: bool) -
         summary["top_kernels"] = ranked(kernels, "self_device_time_total")
     # The host's own time by operator: on a GPU, what a launch-bound step spends its time on.
     summary["top"] = ranked(host, "self_cpu_time_total")
-    # The operators called most often (nested calls included): where a GPU's launches come from.
+    # The operators called most often, nested calls included: in an eager step, where a GPU's
+    # launches come from (views and allocations launch nothing; compiled kernels and CUDA
+    # graphs' replays are no aten:: operators). The harness's own wait for the device, at
+    # the end of the profiled steps, is in waits_from as a bare cudaDeviceSynchronize.
     ops = sorted((r for r in host if r.key.startswith("aten::")), key=lambda r: r.count, reverse=True)[:MOST_CALLED]
     summary["most_called"] = [{"name": r.key, "calls_per_step": r.count * per_step} for r in ops]
     return summary

@@ -5,13 +5,15 @@ batch 256 on a GPU, 64 px and batch 32 on a CPU)."""
 from __future__ import annotations
 
 import argparse
+import typing
 from dataclasses import dataclass
 
 from megabatch.bench_flags import at_least, wants_gpu
+from megabatch.recipe import CompileMode
 from megabatch.errors import UserError
 
 GHOST_GROUP = 32  # the paper's images per worker
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+COMPILE_MODES = typing.get_args(CompileMode)  # torch.compile's, as a recipe's train.compile_mode
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ def settings(args: argparse.Namespace) -> Settings:
                       ("contiguous",) if args.quick else ("contiguous", "channels_last"))
     compile = args.compile if args.compile is not None else gpu and not args.quick
     mode = getattr(args, "compile_mode", None)
+    if mode is not None and mode not in COMPILE_MODES:
+        raise UserError(f"--compile-mode {mode}: give one of {', '.join(COMPILE_MODES)}")
     if mode is not None and not compile:
         raise UserError(f"--compile-mode {mode} measures a compiled step: add --compile")
     return Settings(

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,14 +79,27 @@ def memory_format(setting: str = "auto") -> torch.memory_format:
     return torch.channels_last if setting == "channels_last" else torch.contiguous_format
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that replay CUDA graphs
+
+
 def configure_backends(device: torch.device, recipe: Recipe) -> None:
     """The process-wide settings of the run's device, on CUDA: cuDNN autotuning, and TF32
     in fp32 convolutions and matmuls only where the recipe asks for it."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = recipe.train.cudnn_benchmark
-        # The per-backend flags: torch.set_float32_matmul_precision would reach the CPU too.
-        torch.backends.cudnn.allow_tf32 = recipe.train.tf32
-        torch.backends.cuda.matmul.allow_tf32 = recipe.train.tf32
+        set_tf32(recipe.train.tf32)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 in CUDA's fp32 convolutions and matmuls, on or off. The flags of each backend
+    (torch.set_float32_matmul_precision would reach the CPU too), by the API that keeps
+    torch.get_float32_matmul_precision() readable, which Inductor's autotuning reads: the
+    newer per-backend fp32_precision settings, mixed, make it raise. On torch 2.9 to 2.11
+    these setters warn once that they will be deprecated: not for megabatch's users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Please use the new API settings to control TF32")
+        torch.backends.cudnn.allow_tf32 = enabled
+        torch.backends.cuda.matmul.allow_tf32 = enabled
 
 
 # --- the parts -----------------------------------------------------------------------------
@@ -142,6 +156,15 @@ def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
     # reaches into torch.compile's wrapper. DDP broadcasts rank 0's parameters: all
     # ranks start equal.
     run.net = wrap_model(torch.compile(model, mode=t.compile_mode) if t.compile else model, dist, t.comm_dtype)
+    if t.compile and t.compile_mode in CUDA_GRAPH_MODES:
+        # A CUDA graph's outputs live in its memory pool until its next replay: a backward's
+        # gradients, taken over as .grad, would be overwritten by the next micro-batch's
+        # forward before they are summed. Gradients that are the run's own tensors, added
+        # into and zeroed, never are.
+        run.keep_grads = True
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if state is None or not (out_dir / "recipe.toml").is_file():  # a resumed run's is its own already

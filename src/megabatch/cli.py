@@ -29,7 +29,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from megabatch import checkpoint
-    from megabatch.build import AUTOCAST_DTYPES, build_model, memory_format, resolve_device, resolve_recipe
+    from megabatch.build import (AUTOCAST_DTYPES, build_model, configure_backends, memory_format, resolve_device,
+                                 resolve_recipe)
     from megabatch.data import hold_out, load_datasets
     from megabatch.recipe import from_dict
     from megabatch.train import evaluate, recompute_bn_statistics
@@ -38,6 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     saved = from_dict(state["recipe"])
     device = resolve_device(args.device or saved.train.device)
     recipe = resolve_recipe(saved, device)
+    configure_backends(device, recipe)  # the run's arithmetic (train.tf32) and autotuning
     train, test = load_datasets(recipe.data, args.data, device.type)
     model = build_model(recipe, test.channels, len(test.classes), device)
     model.load_state_dict(state["model"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from megabatch import checkpoint, noise
 from megabatch import recipe as recipes
 from megabatch.batching import BatchPlan, epoch_order, max_micro_batch
-from megabatch.build import build_model, resolve_device
+from megabatch.build import build_model, configure_backends, resolve_device
 from megabatch.data import load_datasets
 from megabatch.errors import UserError
 
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be at least 2 (the interval needs repeated estimates), not {args.steps}")
     recipe = recipes.load(args.recipe, args.set)
     device = resolve_device(recipe.train.device)
+    configure_backends(device, recipe)  # the run's arithmetic (train.tf32) and autotuning
     train, _ = load_datasets(recipe.data, args.data, device.type, recipe.train.seed)
     plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch, recipe.batch.micro_batch,
                             max_micro_batch=max_micro_batch(device.type))

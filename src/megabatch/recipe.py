@@ -59,6 +59,7 @@ Fraction = Annotated[float, Range(0.0, 1.0, high_open=True)]
 Arch = Literal["small-cnn", "resnet18", "resnet50"]
 BNMode = Literal["moving_average", "last_batch"]
 CommDtype = Literal["fp32", "fp16", "bf16"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
 
 
 @dataclass
@@ -204,12 +205,13 @@ class TrainConfig:
     """"channels_last", "contiguous" or "auto" (channels-last: faster on GPUs and CPUs alike)."""
     compile: bool = False
     """Compile the model with torch.compile."""
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_mode: CompileMode = "default"
     """torch.compile's mode, with ``compile`` on: "reduce-overhead" records the step's kernels
     in CUDA graphs and replays them, which takes the host's launch cost out of a step that
     waits on its host (ResNet-50 at 256 on an H200 did); "max-autotune" also times kernel
-    variants (much longer compilation). CUDA graphs need a GPU; elsewhere a mode compiles
-    as "default" does, less the graphs."""
+    variants (much longer compilation). CUDA graphs need a GPU: on a CPU, "reduce-overhead"
+    compiles as "default" does. With CUDA graphs, gradients stay allocated between steps
+    (zeroed, not freed), so that micro-batches can add into them."""
     cudnn_benchmark: bool = True
     """On CUDA, let cuDNN time its convolution algorithms for the run's shapes and keep the
     fastest (``torch.backends.cudnn.benchmark``); false for runs that must repeat bitwise."""

@@ -49,6 +49,7 @@ class Run:
     validation_data: Source | None = None  # data.validation_images held out of the training set
     log: Callable[[dict[str, Any], int], None] | None = None  # extra metric sink (TensorBoard)
     stop_requested: Callable[[], bool] = lambda: False  # a signal asked to stop at the next step
+    keep_grads: bool = False  # gradients stay allocated and are zeroed, not freed (CUDA graphs)
     iteration: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     partial_epoch: dict[str, float] = field(default_factory=dict)  # sums of an unfinished epoch

@@ -86,7 +86,7 @@ def train_step(run: Run, micro_batches: Iterable[Batch]) -> StepResult:
         run.scaler.update()
     else:
         run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=not run.keep_grads)
     return StepResult(value, agreed[1] > 0)
 
 
