@@ -112,6 +112,29 @@ def test_quick_run_says_where_the_time_goes(quick):
     assert "where the time goes (ms per 1,000 images)" in printed and "end to end" in printed
 
 
+def test_with_compile_end_to_end_runs_again_with_the_compiled_step(tmp_path, monkeypatch, capsys):
+    # The order and the result's fields, with torch.compile left out (minutes on this CPU).
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    out = tmp_path / "results"
+    assert main(["bench", "--quick", "--device", "cpu", "--compile", "--compile-mode", "reduce-overhead",
+                 "--out", str(out)]) == 0
+    assert modes == ["reduce-overhead"] * 3  # the two steps, then end to end
+    [path] = out.iterdir()
+    result = json.loads(path.read_text())
+    assert [e["name"] for e in result["train_step"]] == [
+        "megabatch fp32 contiguous eager", "megabatch fp32 contiguous compiled (reduce-overhead)"]
+    *eager, compiled = result["end_to_end_by_decoder"]
+    assert {e["name"] for e in eager} == {"megabatch fp32 contiguous eager"}
+    assert compiled["name"] == "megabatch fp32 contiguous compiled (reduce-overhead)"
+    assert compiled["decoder"] == max(eager, key=lambda e: e["images_per_s"])["decoder"]
+    plain = result["train_step"][1]["plain"]["images_per_s"]
+    assert compiled["ratio_to_plain"] == pytest.approx(compiled["images_per_s"] / plain)
+    assert result["end_to_end"] == max(result["end_to_end_by_decoder"], key=lambda e: e["images_per_s"])
+    assert result["where_the_time_goes"]["end_to_end_images_per_s"] == max(e["images_per_s"] for e in eager)
+    assert "compiled (reduce-overhead)" in capsys.readouterr().out
+
+
 def test_where_the_time_goes_by_hand():
     # Train step 2,000 images/s (0.5 ms each), baseline 1,000, input 1,500, end to end 1,250.
     summary = bench_report.where_the_time_goes(2000.0, 1000.0, 1500.0, 1250.0)
