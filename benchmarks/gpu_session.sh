@@ -109,7 +109,7 @@ bench() {
     # the checks and the tests; the time goes to the compiled end to end instead.
     run bench "${BENCH_SECONDS:-360}" "$py" -m megabatch bench --out "$out/results" --steps 10 --repeats 3 \
         --precisions "${BENCH_PRECISIONS:-bf16}" --memory-formats channels_last \
-        --compile-mode "${BENCH_COMPILE_MODE:-reduce-overhead}"
+        --compile --compile-mode "${BENCH_COMPILE_MODE:-reduce-overhead}"
   fi
 }
 
