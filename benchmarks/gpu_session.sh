@@ -107,7 +107,9 @@ bench() {
     # what the eager step itself reached: 2,718 img/s); Inductor's cache makes it a short compile.
     # bf16 alone: fp16's eager pair is in that file too, and fp16 with its GradScaler runs in
     # the checks and the tests; the time goes to the compiled end to end instead.
-    run bench "${BENCH_SECONDS:-360}" "$py" -m megabatch bench --out "$out/results" --steps 10 --repeats 3 \
+    # The result counts the graphs that ran without CUDA graphs (cudagraph_skips); the log says why.
+    run bench "${BENCH_SECONDS:-360}" env TORCH_LOGS="${TORCH_LOGS:-cudagraphs}" \
+        "$py" -m megabatch bench --out "$out/results" --steps 10 --repeats 3 \
         --precisions "${BENCH_PRECISIONS:-bf16}" --memory-formats channels_last \
         --compile --compile-mode "${BENCH_COMPILE_MODE:-reduce-overhead}"
   fi

@@ -113,9 +113,18 @@ def test_quick_run_says_where_the_time_goes(quick):
 
 
 def test_with_compile_end_to_end_runs_again_with_the_compiled_step(tmp_path, monkeypatch, capsys):
-    # The order and the result's fields, with torch.compile left out (minutes on this CPU).
+    # The order and the result's fields, with torch.compile left out (minutes on this CPU):
+    # in its place each forward pass counts as a graph run without CUDA graphs, as on a CPU.
+    from torch._dynamo.utils import counters
+
     modes = []
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+
+    def compile_without_graphs(model, mode=None):
+        modes.append(mode)
+        model.register_forward_pre_hook(lambda *_: counters["inductor"].update(cudagraph_skips=1))
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_without_graphs)
     out = tmp_path / "results"
     assert main(["bench", "--quick", "--device", "cpu", "--compile", "--compile-mode", "reduce-overhead",
                  "--out", str(out)]) == 0
@@ -132,7 +141,12 @@ def test_with_compile_end_to_end_runs_again_with_the_compiled_step(tmp_path, mon
     assert compiled["ratio_to_plain"] == pytest.approx(compiled["images_per_s"] / plain)
     assert result["end_to_end"] == max(result["end_to_end_by_decoder"], key=lambda e: e["images_per_s"])
     assert result["where_the_time_goes"]["end_to_end_images_per_s"] == max(e["images_per_s"] for e in eager)
-    assert "compiled (reduce-overhead)" in capsys.readouterr().out
+    eager_step, compiled_step = result["train_step"]
+    assert "cudagraph_skips" not in eager_step and "cudagraph_skips" not in eager_step["plain"]
+    assert compiled_step["cudagraph_skips"] > 0 and compiled_step["plain"]["cudagraph_skips"] > 0
+    printed = capsys.readouterr().out
+    assert "compiled (reduce-overhead)" in printed
+    assert "megabatch fp32 contiguous compiled (reduce-overhead): " in printed and "ran without CUDA graphs" in printed
 
 
 def test_where_the_time_goes_by_hand():

@@ -176,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
             print(row(config.name, m, plain["images_per_s"], mfu(m, config.precision)))
             print(row(plain_name(config), plain, plain["images_per_s"], mfu(plain, config.precision)), flush=True)
             for name, reading in ((config.name, m), (plain_name(config), plain)):
+                if reading.get("cudagraph_skips"):
+                    print(f"  {name}: {reading['cudagraph_skips']} compiled graph(s) ran without CUDA graphs "
+                          f"(TORCH_LOGS=cudagraphs says why)")
+            for name, reading in ((config.name, m), (plain_name(config), plain)):
                 if "profile" in reading:
                     print("\n".join(bench_profile.lines(name, reading["profile"], top=3)), flush=True)
             result["train_step"] = [step_entry(s, c, mb, pl, mfu) for c, mb, pl in pairs]
@@ -279,7 +283,7 @@ def step_entry(s: Settings, config: Config, m: dict, plain: dict, mfu) -> dict:
     def reading(x: dict) -> dict:
         return {"images_per_s": x["images_per_s"], "spread": x["spread"], "per_repeat": x["per_repeat"],
                 "mfu": mfu(x, config.precision),
-                **{k: x[k] for k in ("peak_memory_bytes", "profile") if k in x}}
+                **{k: x[k] for k in ("peak_memory_bytes", "profile", "cudagraph_skips") if k in x}}
 
     return {"name": config.name, **asdict(config), "batch_size": s.batch, "per_worker_batch": s.per_worker_batch,
             **reading(m), "ratio_to_plain": m["images_per_s"] / plain["images_per_s"],

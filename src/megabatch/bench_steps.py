@@ -6,10 +6,11 @@ the same setting. torch is imported inside the functions."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from megabatch import bench_profile
 from megabatch.bench_timing import measure, release
@@ -85,7 +86,9 @@ def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpeg
         losses.append(train_step(run, next(feed)).loss)
 
     # Compilation happens in the first calls: never timed.
-    result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
+    with graphs_skipped(config) as skips:
+        result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
+    result.update(skips)
     if profile:
         result["profile"] = bench_profile.profile_steps(step, s.device)
     feed.close()
@@ -96,6 +99,23 @@ def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpeg
     del run
     release()
     return result
+
+
+@contextlib.contextmanager
+def graphs_skipped(config: Config) -> Iterator[dict]:
+    """Under a CUDA-graph compile mode, the dict gets ``cudagraph_skips``: how many compiled
+    graphs Inductor ran without CUDA graphs in the block (a CPU, an unsupported op or
+    input mutation; ``TORCH_LOGS=cudagraphs`` says why). A mode that silently falls back
+    would otherwise pass for one that does not help."""
+    from torch._dynamo.utils import counters
+
+    from megabatch.build import CUDA_GRAPH_MODES
+
+    found: dict = {}
+    before = counters["inductor"]["cudagraph_skips"]
+    yield found
+    if config.compile and config.compile_mode in CUDA_GRAPH_MODES:
+        found["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - before
 
 
 def plain_name(config: Config) -> str:
@@ -143,7 +163,9 @@ def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
     flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     configure_backends(torch.device(s.device), recipes.load(RECIPE))  # as in megabatch's runs
     try:
-        result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
+        with graphs_skipped(config) as skips:
+            result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
+        result.update(skips)
         if profile:
             result["profile"] = bench_profile.profile_steps(step, s.device)
     finally:
