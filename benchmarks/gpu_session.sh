@@ -49,7 +49,7 @@ fashion=$PWD/.carry/fashion-mnist
 if [ ! -e /usr/share/datasets/fashion-mnist ] && [ -w /usr/share ] && [ -d "$fashion" ]; then
   mkdir -p /usr/share/datasets && ln -s "$fashion" /usr/share/datasets/fashion-mnist
 fi
-# megabatch's C++ kernel (ghost BN's groups side by side on a CPU's threads) needs ninja, carried
+# megabatch's C++ kernel (ghost BN's loop over groups; on a GPU it queues their kernels) needs ninja, carried
 # as a wheel (.carry/wheels: `pip download ninja --only-binary=:all: --python-version 3.12
 # --platform manylinux2014_x86_64 -d .carry/wheels`), and a C++ compiler. Where either is
 # missing, its Python form runs (the same numbers) and the kernel's own tests skip.

@@ -1,7 +1,8 @@
 """megabatch's C++ grouped batch-norm kernel (csrc/grouped_batch_norm.cpp, built by
 megabatch.kernels): the numbers of PyTorch's own BN kernels on each group, the groups
 really side by side on the threads, safe under autograd's second derivatives, inference
-mode and Python dispatch modes, and a Python fallback where it cannot be built."""
+mode and Python dispatch modes, a Python fallback where it cannot be built, and on a GPU
+the Python loop's numbers with the loop in C++."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def cpu_kernel():
 
     if kernels.disabled():
         pytest.skip("MEGABATCH_NO_KERNELS is set")
-    kernel = megabatch_nn._cpu_kernel(torch.zeros(1))
+    kernel = megabatch_nn._kernel("cpu")
     assert kernel is not None, "the grouped BN kernel did not build"
     return kernel
 
@@ -74,7 +75,7 @@ def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, ne
         kernel_many = run()
     with threads(1):
         kernel_one = run()
-    monkeypatch.setattr(megabatch_nn, "_cpu_kernel", lambda x: None)
+    monkeypatch.setattr(megabatch_nn, "_kernel", lambda device_type: None)
     with threads(1 if k > 1 else 3):
         loop = run()
     for many, one, reference in zip(kernel_many, kernel_one, loop):
@@ -82,6 +83,61 @@ def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, ne
         if reference is not None:
             assert many.dtype == reference.dtype and torch.equal(many, reference)
             assert torch.equal(one, reference) or k == 1  # one group's kernel rounds by its thread count
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True], [False, False, True]])
+def test_off_the_cpu_the_kernel_queues_the_groups_and_joins_their_gradients(mask):
+    """The path a GPU takes (any device but the CPU), on meta tensors, which carry shapes,
+    dtypes and layouts but no numbers: outputs in x's layout, one gradient per mask entry.
+    Its numbers are checked against the Python loop on a GPU (next test)."""
+    kernel = cpu_kernel()
+    x = torch.empty(16, 3, 4, 4, device="meta", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.empty(3, device="meta"), torch.empty(3, device="meta")
+    y, stats, saved_mean, saved_invstd = kernel.forward(x, weight, bias, 4, 1e-5)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert stats.shape == (2, 4, 3) and saved_mean.shape == saved_invstd.shape == (4, 3)
+    grads = kernel.backward(torch.empty_like(y), x, weight, saved_mean, saved_invstd, 4, 1e-5, mask)
+    assert [g is not None for g in grads] == mask
+    if mask[0]:
+        assert grads[0].shape == x.shape and grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert all(g.shape == (3,) and g.dtype == torch.float32 for g in grads[1:] if g is not None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("k, needs", [(1, "all"), (8, "all"), (8, "parameters only"), (8, "no affine")])
+def test_on_a_gpu_the_kernel_queues_what_the_python_loop_queues(dtype, layout, k, needs, monkeypatch):
+    """On a GPU the C++ loop calls the same BN kernels in the same order as the Python loop,
+    and joins the gradients the same way (one cat, one stack and sum): equal to the bit."""
+    from megabatch import nn as megabatch_nn
+    from megabatch.nn import _GroupedBatchNorm
+
+    if kernels.disabled():
+        pytest.skip("MEGABATCH_NO_KERNELS is set")
+    assert megabatch_nn._kernel("cuda") is not None, "the grouped BN kernel did not build"
+    g = torch.Generator().manual_seed(k)
+    x0 = (torch.randn(k * 32, 16, 7, 7, generator=g) * 3 + 1).to("cuda", dtype).contiguous(memory_format=layout)
+    upstream = torch.randn(x0.shape, generator=g).to("cuda", dtype).contiguous(memory_format=layout)
+    weight0, bias0 = (torch.rand(16, generator=g) + 0.5).cuda(), torch.randn(16, generator=g).cuda()
+
+    def run() -> list:
+        x = x0.clone().requires_grad_(needs != "parameters only")
+        weight, bias = ((None, None) if needs == "no affine" else
+                        (t.clone().requires_grad_(needs != "input only") for t in (weight0, bias0)))
+        y, stats = _GroupedBatchNorm.apply(x, weight, bias, k, 1e-5)
+        y.backward(upstream)
+        assert y.is_contiguous(memory_format=layout) and y.dtype == dtype
+        return [y, stats, x.grad] + ([] if weight is None else [weight.grad, bias.grad])
+
+    kernel = run()
+    monkeypatch.setattr(megabatch_nn, "_kernel", lambda device_type: None)
+    loop = run()
+    for ours, reference in zip(kernel, loop):
+        assert (ours is None) == (reference is None)
+        if reference is not None:
+            assert ours.dtype == reference.dtype and ours.stride() == reference.stride()
+            assert torch.equal(ours, reference)
 
 
 def test_the_groups_run_side_by_side_on_the_threads():

@@ -90,9 +90,9 @@ def test_compiled_formulation_equals_the_eager_one(layout, affine, eager, monkey
     if eager == "C++ kernel":
         if kernels.disabled():
             pytest.skip("MEGABATCH_NO_KERNELS is set")
-        assert megabatch_nn._cpu_kernel(torch.zeros(1)) is not None, "the grouped BN kernel did not build"
+        assert megabatch_nn._kernel("cpu") is not None, "the grouped BN kernel did not build"
     else:
-        monkeypatch.setattr(megabatch_nn, "_cpu_kernel", lambda x: None)
+        monkeypatch.setattr(megabatch_nn, "_kernel", lambda device_type: None)
         monkeypatch.setattr(megabatch_nn, "JOIN_IN_CACHE_ON", ("cpu",) if eager == "in cache" else ())
 
     k = 4
@@ -234,7 +234,7 @@ def test_a_ghost_layer_launches_its_groups_bn_kernels_and_a_fixed_few_more(monke
                 self.ops.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(megabatch_nn, "_cpu_kernel", lambda x: None)
+    monkeypatch.setattr(megabatch_nn, "_kernel", lambda device_type: None)
     monkeypatch.setattr(megabatch_nn, "JOIN_IN_CACHE_ON", ())
     for k in (2, 8):
         layer = GhostBatchNorm2d(C, group_size=B, momentum=None).double()

@@ -65,7 +65,8 @@ def load(name: str) -> ModuleType | None:
     warning) where it cannot be built, or None silently with ``MEGABATCH_NO_KERNELS=1``."""
     if disabled():
         return None
-    # Its import logs "No CUDA runtime is found" on a machine without CUDA: these kernels are for the CPU.
+    # Its import logs "No CUDA runtime is found" on a machine without CUDA: these kernels are plain C++,
+    # built without CUDA's compiler (on a GPU they only call PyTorch's operators).
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
