@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megabatch import bench, bench_report, bench_timing, kernels
+from megabatch import bench_report, bench_timing, kernels
 from megabatch.build import native_bf16
 from megabatch.cli import main
 from megabatch.nn import ghost_bn_implementation

@@ -34,7 +34,7 @@ from megabatch.noise import NoiseScale
 from megabatch.optim import LARS, RMSpropWarmup, param_groups
 from megabatch.progress import Progress
 from megabatch.recipe import Recipe, to_toml
-from megabatch.run import Run, total_steps
+from megabatch.run import Run
 from megabatch.signals import stop_on_signals
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -7,7 +7,6 @@ import os
 import torch
 
 from megabatch.data import fashion_mnist, imagenet, synthetic
-from megabatch.data.images import ImageTensors
 from megabatch.errors import UserError
 
 
