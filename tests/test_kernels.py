@@ -35,6 +35,20 @@ def cpu_kernel():
     return kernel
 
 
+def forward_backward(x0, upstream, weight0, bias0, k: int, needs: str, layout: torch.memory_format) -> list:
+    """One pass of _GroupedBatchNorm and its backward on copies of the inputs, ``needs``
+    saying which gradients are asked for: [y, stats, x.grad] (+ [weight.grad, bias.grad])."""
+    from megabatch.nn import _GroupedBatchNorm
+
+    x = x0.clone().requires_grad_(needs != "parameters only")
+    weight, bias = ((None, None) if needs == "no affine" else
+                    (t.clone().requires_grad_(needs != "input only") for t in (weight0, bias0)))
+    y, stats = _GroupedBatchNorm.apply(x, weight, bias, k, 1e-5)
+    y.backward(upstream)
+    assert y.is_contiguous(memory_format=layout) and y.dtype == x0.dtype
+    return [y, stats, x.grad] + ([] if weight is None else [weight.grad, bias.grad])
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("k", [1, 2, 8])
@@ -50,7 +64,6 @@ def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, ne
     import platform
 
     from megabatch import nn as megabatch_nn
-    from megabatch.nn import _GroupedBatchNorm
 
     assert cpu_kernel().writes_in_place() == (platform.machine() == "x86_64")
     g = torch.Generator().manual_seed(k)
@@ -63,13 +76,7 @@ def test_the_cpu_kernel_is_bit_identical_to_the_python_loop(dtype, layout, k, ne
         weight0, bias0 = weight0.double(), bias0.double()
 
     def run() -> list:
-        x = x0.clone().requires_grad_(needs != "parameters only")
-        weight, bias = ((None, None) if needs == "no affine" else
-                        (t.clone().requires_grad_(needs != "input only") for t in (weight0, bias0)))
-        y, stats = _GroupedBatchNorm.apply(x, weight, bias, k, 1e-5)
-        y.backward(upstream)
-        assert y.is_contiguous(memory_format=layout) and y.dtype == dtype
-        return [y, stats, x.grad] + ([] if weight is None else [weight.grad, bias.grad])
+        return forward_backward(x0, upstream, weight0, bias0, k, needs, layout)
 
     with threads(3):
         kernel_many = run()
@@ -111,7 +118,6 @@ def test_on_a_gpu_the_kernel_queues_what_the_python_loop_queues(dtype, layout, k
     """On a GPU the C++ loop calls the same BN kernels in the same order as the Python loop,
     and joins the gradients the same way (one cat, one stack and sum): equal to the bit."""
     from megabatch import nn as megabatch_nn
-    from megabatch.nn import _GroupedBatchNorm
 
     if kernels.disabled():
         pytest.skip("MEGABATCH_NO_KERNELS is set")
@@ -122,13 +128,7 @@ def test_on_a_gpu_the_kernel_queues_what_the_python_loop_queues(dtype, layout, k
     weight0, bias0 = (torch.rand(16, generator=g) + 0.5).cuda(), torch.randn(16, generator=g).cuda()
 
     def run() -> list:
-        x = x0.clone().requires_grad_(needs != "parameters only")
-        weight, bias = ((None, None) if needs == "no affine" else
-                        (t.clone().requires_grad_(needs != "input only") for t in (weight0, bias0)))
-        y, stats = _GroupedBatchNorm.apply(x, weight, bias, k, 1e-5)
-        y.backward(upstream)
-        assert y.is_contiguous(memory_format=layout) and y.dtype == dtype
-        return [y, stats, x.grad] + ([] if weight is None else [weight.grad, bias.grad])
+        return forward_backward(x0, upstream, weight0, bias0, k, needs, layout)
 
     kernel = run()
     monkeypatch.setattr(megabatch_nn, "_kernel", lambda device_type: None)
