@@ -136,13 +136,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"cannot create --out {out}: {err.strerror}") from None
         device_name = provenance.device_name(device)
         path = output_path(out, device_name)
+        paper = recipes.load(RECIPE)
         result: dict = {
             "device": device_name, **provenance.collect(device), "model": "resnet50", "note": s.note,
             "complete": False,
             "settings": {**asdict(s), "recipe": RECIPE, "data": args.data or "generated (megabatch.data.tiny_imagenet)",
                          "training_images": images, "ghost_bn": ghost_bn_implementation(device),
-                         "cudnn_benchmark": recipes.load(RECIPE).train.cudnn_benchmark,
-                         "tf32": recipes.load(RECIPE).train.tf32}}
+                         "cudnn_benchmark": paper.train.cudnn_benchmark, "tf32": paper.train.tf32}}
 
         def save() -> None:
             try:
@@ -179,7 +179,6 @@ def run(args: argparse.Namespace) -> int:
                 if reading.get("cudagraph_skips"):
                     print(f"  {name}: {reading['cudagraph_skips']} compiled graph(s) ran without CUDA graphs "
                           f"(TORCH_LOGS=cudagraphs says why)")
-            for name, reading in ((config.name, m), (plain_name(config), plain)):
                 if "profile" in reading:
                     print("\n".join(bench_profile.lines(name, reading["profile"], top=3)), flush=True)
             result["train_step"] = [step_entry(s, c, mb, pl, mfu) for c, mb, pl in pairs]
@@ -253,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
 
         for pipeline in dict.fromkeys([on_device, reading]):
             end_to_end(best, best_plain, pipeline)
-        end = dict(max(ends, key=lambda e: e[1]["images_per_s"])[1])
+        best_reader, end = max(ends, key=lambda e: e[1]["images_per_s"])
 
         # Where the time goes compares end to end with the eager step it ran.
         summary = where_the_time_goes(best_m["images_per_s"], best_plain["images_per_s"], reading_m["images_per_s"],
@@ -264,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
             train(compiled)
             # End to end again with the compiled step, from the reader that fed the eager one best:
             # an input pipeline can only be judged against the fastest step it must feed.
-            end_to_end(compiled, pairs[-1][2], max(ends, key=lambda e: e[1]["images_per_s"])[0])
+            end_to_end(compiled, pairs[-1][2], best_reader)
         best, best_m, best_plain = max(pairs, key=lambda e: e[1]["images_per_s"])
         result["mfu"]["best_train_step"] = {"name": best.name, "mfu": mfu(best_m, best.precision)}
         if s.profile:
