@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megabatch import recipe as recipes
-from megabatch.build import configure_backends
+from megabatch.build import backends, configure_backends, set_tf32
 from megabatch.train import train_one_epoch
 
 from runs import quiet_run, state_of
@@ -91,12 +91,11 @@ def test_cuda_runs_autotune_cudnn_unless_the_recipe_says_no(monkeypatch):
 
 @pytest.fixture
 def tf32_flags():
-    """Both process-wide TF32 flags set (cuBLAS's is no plain attribute for monkeypatch), then
-    restored, with cuDNN's autotuning, which configure_backends sets too."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = saved
+    """Both process-wide TF32 flags on, as PyTorch's default leaves cuDNN's; the process's
+    flags back afterwards (on the CPU, backends() only saves and restores them)."""
+    with backends(torch.device("cpu"), recipes.load("fashion-mnist-demo")):
+        set_tf32(True)
+        yield
 
 
 def test_fp32_on_cuda_is_ieee_fp32_unless_the_recipe_allows_tf32(tf32_flags):
@@ -109,3 +108,15 @@ def test_fp32_on_cuda_is_ieee_fp32_unless_the_recipe_allows_tf32(tf32_flags):
     configure_backends(torch.device("cuda"), recipes.load("fashion-mnist-demo", ["train.tf32=true"]))
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     assert torch.get_float32_matmul_precision() == "high"
+
+
+def test_backends_sets_a_runs_flags_for_a_block_then_gives_the_process_its_own_back(tf32_flags):
+    benchmark = torch.backends.cudnn.benchmark
+    with backends(torch.device("cuda"), recipes.load("fashion-mnist-demo", ["train.cudnn_benchmark=true"])):
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.benchmark is True
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.benchmark is benchmark
+    with pytest.raises(RuntimeError), backends(torch.device("cuda"), recipes.load("fashion-mnist-demo")):
+        raise RuntimeError("a failed measurement")
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # restored on error too

@@ -92,19 +92,15 @@ def matmul_flops(s: Settings, precision: str) -> float:
     import torch
 
     from megabatch import recipe as recipes
-    from megabatch.build import set_tf32
+    from megabatch.build import backends
 
     n = matmul_size(s)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     a, b = (torch.randn(n, n, device=s.device).to(dtype) for _ in range(2))
     calls = 10 if s.device != "cpu" else 1
     timed = replace(s, steps=5 if s.device != "cpu" else 2, repeats=1 if s.quick else 3)
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    set_tf32(recipes.load(RECIPE).train.tf32)
-    try:
+    with backends(torch.device(s.device), recipes.load(RECIPE)):
         timing = measure(lambda: [a @ b for _ in range(calls)], timed, 1, warmup=1)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
     return 2 * n ** 3 * calls * timing["images_per_s"]
 
 

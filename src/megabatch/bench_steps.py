@@ -133,7 +133,7 @@ def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
     import torchvision
 
     from megabatch import recipe as recipes
-    from megabatch.build import AUTOCAST_DTYPES, configure_backends, memory_format
+    from megabatch.build import AUTOCAST_DTYPES, backends, memory_format
     from megabatch.data import synthetic
 
     torch.manual_seed(0)
@@ -160,16 +160,12 @@ def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
             optimizer.step()
         optimizer.zero_grad()
 
-    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    configure_backends(torch.device(s.device), recipes.load(RECIPE))  # as in megabatch's runs
-    try:
+    with backends(torch.device(s.device), recipes.load(RECIPE)):  # as in megabatch's runs
         with graphs_skipped(config) as skips:
             result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
         result.update(skips)
         if profile:
             result["profile"] = bench_profile.profile_steps(step, s.device)
-    finally:
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     del model, net, optimizer
     release()
     return result

@@ -10,6 +10,7 @@ Everything the recipe leaves to the device ("auto") is decided here, once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -90,16 +91,38 @@ def configure_backends(device: torch.device, recipe: Recipe) -> None:
         set_tf32(recipe.train.tf32)
 
 
+@contextlib.contextmanager
+def backends(device: torch.device, recipe: Recipe):
+    """:func:`configure_backends` for a ``with`` block only: after it the process's flags are
+    what they were (the bench sets a loop's flags, then hands the process back as it found it)."""
+    with _tf32_setters():
+        saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    configure_backends(device, recipe)
+    try:
+        yield
+    finally:
+        with _tf32_setters():
+            (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32) = saved
+
+
 def set_tf32(enabled: bool) -> None:
     """TF32 in CUDA's fp32 convolutions and matmuls, on or off. The flags of each backend
     (torch.set_float32_matmul_precision would reach the CPU too), by the API that keeps
     torch.get_float32_matmul_precision() readable, which Inductor's autotuning reads: the
-    newer per-backend fp32_precision settings, mixed, make it raise. On torch 2.9 to 2.11
-    these setters warn once that they will be deprecated: not for megabatch's users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Please use the new API settings to control TF32")
+    newer per-backend fp32_precision settings, mixed, make it raise."""
+    with _tf32_setters():
         torch.backends.cudnn.allow_tf32 = enabled
         torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+@contextlib.contextmanager
+def _tf32_setters():
+    """Silence the warning of torch 2.9 to 2.11 that the legacy TF32 flags will be deprecated:
+    not for megabatch's users, who did not write them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Please use the new API settings to control TF32")
+        yield
 
 
 # --- the parts -----------------------------------------------------------------------------
