@@ -85,6 +85,14 @@ def test_spec_errors_are_one_line(tmp_path):
         load_spec(str(bad))
     with pytest.raises(UserError, match="unknown study spec 'x'"):
         load_spec("x")
+    for edit, message in [(("epochs = 1", "epochs = 0"), "study spec key epochs must be >= 1, got 0"),
+                          (("[256, 512]", "[256, -512]"), r"study spec key batches\[1\] must be >= 1, got -512"),
+                          (('recipe = "fashion-mnist-paper"\n', ""), r"study spec table \[methods.paper\] needs recipe"),
+                          (("largest_only = true", "largest_only = 1"), "methods.paper-moving-average-bn.largest_only "
+                                                                        "must be bool, got 1")]:
+        bad.write_text(TINY.replace(*edit))
+        with pytest.raises(UserError, match=message):
+            load_spec(str(bad))
     good = tmp_path / "tiny.toml"
     good.write_text(TINY)
     with pytest.raises(UserError, match="--methods: lasso not in study spec"):
@@ -252,7 +260,7 @@ def test_lr_factors_multiply_each_recipes_own_rate_and_need_a_validation_split(t
                                         "= 2048, fewer than its global batch 256"):
         load_spec(str(path))
     path.write_text(TUNED.replace("[0.5, 1.0, 2.0]", "[0.5, -1.0]"))
-    with pytest.raises(UserError, match="lr_factors must be positive numbers"):
+    with pytest.raises(UserError, match=r"study spec key lr_factors\[1\] must be > 0, got -1.0"):
         load_spec(str(path))
 
 

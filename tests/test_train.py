@@ -311,7 +311,7 @@ def test_validation_images_are_held_out_of_training_and_evaluated(tmp_path, caps
     from megabatch.study.runner import summarize
     from megabatch.study.spec import Method, Run as Cell
 
-    row = summarize(Cell(Method("demo", "fashion-mnist-demo"), 256, 0), out, diverged=False, wall_time_s=1.0)
+    row = summarize(Cell(Method(name="demo", recipe="fashion-mnist-demo"), 256, 0), out, diverged=False, wall_time_s=1.0)
     assert row["final_val_top1"] == lines[-1]["val_top1"] and row["final_top1"] == lines[-1]["test_top1"]
 
 

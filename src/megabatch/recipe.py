@@ -2,11 +2,11 @@
 
 A recipe file has a top-level ``description`` (and optionally ``base``, the
 name of a recipe it extends) and one table per component below. Every key is
-checked against its type, which carries the allowed values (``Literal``) and the
-valid range of numbers (``Annotated[int, AtLeast(1)]``): an unknown key, a value
-of the wrong type, outside its choices or its range is a one-line
-:class:`~megabatch.errors.UserError` naming the key. ``--set section.key=value``
-overrides any value after loading.
+checked against its type (:mod:`megabatch.typed`), which carries the allowed values
+(``Literal``) and the valid range of numbers (``Annotated[int, AtLeast(1)]``): an
+unknown key, a value of the wrong type, outside its choices or its range is a
+one-line :class:`~megabatch.errors.UserError` naming the key. ``--set
+section.key=value`` overrides any value after loading.
 
 Hyperparameters are written independently of the batch size: the learning
 rate is given per 256 images and multiplied by ``global_batch / 256``
@@ -16,46 +16,14 @@ rate is given per 256 images and multiplied by ``global_batch / 256``
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from megabatch import tomlfile
 from megabatch.errors import UserError
+from megabatch.typed import AtLeast, Count, Fraction, NonNegative, Positive, PositiveFloat, Range, build, derived
 
 
-@dataclass(frozen=True)
-class Range:
-    """The valid interval of a numeric recipe key, written in its type:
-    ``Annotated[float, Range(0, 1, high_open=True)]`` is [0, 1)."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def holds(self, value: float) -> bool:  # False for NaN
-        return ((self.low is None or (value > self.low if self.low_open else value >= self.low))
-                and (self.high is None or (value < self.high if self.high_open else value <= self.high)))
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-
-
-def AtLeast(low: float) -> Range:  # noqa: N802 (reads as a type)
-    return Range(low)
-
-
-def Above(low: float) -> Range:  # noqa: N802
-    return Range(low, low_open=True)
-
-
-Count = Annotated[int, AtLeast(0)]
-Positive = Annotated[int, AtLeast(1)]
-NonNegative = Annotated[float, AtLeast(0.0)]
-Fraction = Annotated[float, Range(0.0, 1.0, high_open=True)]
 Arch = Literal["small-cnn", "resnet18", "resnet50"]
 BNMode = Literal["moving_average", "last_batch"]
 CommDtype = Literal["fp32", "fp16", "bf16"]
@@ -125,7 +93,7 @@ class OptimizerConfig:
     name: Literal["sgd", "rmsprop_warmup", "lars"] = "sgd"
     """"sgd" (momentum SGD), "rmsprop_warmup" (the paper's RMSprop warm-up) or "lars"
     (You et al. 2017: layer-wise trust ratio on top of momentum SGD)."""
-    lr_per_256: Annotated[float, Above(0.0)] = 0.1
+    lr_per_256: PositiveFloat = 0.1
     """Learning rate for 256 images; the run uses lr_per_256 * global_batch / 256."""
     momentum: Fraction = 0.9
     """Momentum (mu1 in the paper)."""
@@ -141,9 +109,9 @@ class OptimizerConfig:
     """rmsprop_warmup: learning rate of the RMSprop phase (eta_RMSprop, not scaled by batch)."""
     alpha_center: NonNegative = 10.0
     """rmsprop_warmup: epoch at which alpha_sgd reaches 0.5 (beta_center)."""
-    alpha_period: Annotated[float, Above(0.0)] = 5.0
+    alpha_period: PositiveFloat = 5.0
     """rmsprop_warmup: length of the RMSprop-to-SGD transition in epochs (beta_period)."""
-    trust_coefficient: Annotated[float, Above(0.0)] = 0.001
+    trust_coefficient: PositiveFloat = 0.001
     """lars: the trust coefficient eta of the layer-wise learning rate."""
     trust_norm: Literal["gradient_plus_decay", "decayed_gradient"] = "gradient_plus_decay"
     """lars: the trust ratio's denominator: "gradient_plus_decay" (||grad|| + weight_decay ||w||:
@@ -242,7 +210,7 @@ class Recipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    name: str = ""
+    name: str = derived("")
     """The recipe's name or file; set by the loader."""
 
     @property
@@ -303,53 +271,6 @@ def _raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return merged
 
 
-def _coerce(value: Any, kind: Any, key: str) -> Any:
-    """``value`` checked against the annotation ``kind`` (its choices and range too);
-    ints are accepted as floats."""
-    origin = typing.get_origin(kind)
-    if origin is Annotated:
-        base, *rules = typing.get_args(kind)
-        value = _coerce(value, base, key)
-        for rule in rules:
-            if isinstance(rule, Range) and not rule.holds(value):
-                raise UserError(f"recipe key {key} must be {rule}, got {value!r}")
-        return value
-    if origin is Literal:
-        allowed = typing.get_args(kind)
-        if value not in allowed:
-            raise UserError(f"recipe key {key} = {value!r} is not one of {', '.join(allowed)}")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(kind)
-        if not isinstance(value, list):
-            raise UserError(f"recipe key {key} must be a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise UserError(f"recipe key {key} must be {kind.__name__}, got {value!r}")
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls, include_extras=True)
-    names = [f.name for f in dataclasses.fields(cls) if not (cls is Recipe and f.name == "name")]
-    values = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            raise UserError(f"unknown recipe key {path}; known keys{' in [' + prefix[:-1] + ']' if prefix else ''}: "
-                            f"{', '.join(names)}")
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            if not isinstance(value, dict):
-                raise UserError(f"recipe key {path} must be a table [{path}], got {value!r}")
-            values[key] = _build(kind, value, f"{path}.")
-        else:
-            values[key] = _coerce(value, kind, path)
-    return cls(**values)
-
-
 def parse_override(assignment: str) -> tuple[list[str], Any]:
     """``"optimizer.lr_per_256=0.2"`` -> (["optimizer", "lr_per_256"], 0.2).
 
@@ -378,7 +299,7 @@ def load(name_or_path: str, overrides: list[str] = (), values: dict[str, Any] | 
             if not isinstance(table, dict):
                 raise UserError(f"--set {origin}: {part} is not a table")
         table[path[-1]] = value
-    recipe = _build(Recipe, data, "")
+    recipe = build(Recipe, data, "recipe")
     recipe.name = name_or_path
     return recipe.validate()
 
@@ -387,7 +308,7 @@ def from_dict(data: dict[str, Any]) -> Recipe:
     """Rebuild a recipe saved with :func:`to_dict` (e.g. in a checkpoint)."""
     data = dict(data)
     name = data.pop("name", "")
-    recipe = _build(Recipe, data, "")
+    recipe = build(Recipe, data, "recipe")
     recipe.name = name
     return recipe.validate()
 

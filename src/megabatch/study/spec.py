@@ -32,26 +32,28 @@ Tuning without ``data.validation_images`` is refused: it would tune on the test 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from megabatch import recipe as recipes, tomlfile
 from megabatch.data import train_size
 from megabatch.errors import UserError
+from megabatch.typed import Count, Positive, PositiveFloat, build, derived
 
 
 @dataclass(frozen=True)
 class Method:
-    name: str
+    """A ``[methods.NAME]`` table: a recipe and where it runs in the grid."""
+
     recipe: str
-    batches: tuple[int, ...] = ()  # empty: the study's batches
+    name: str = derived("")  # the table's NAME
+    batches: tuple[Positive, ...] = ()  # empty: the study's batches
     largest_only: bool = False
     ablation_of: str = ""
     set: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = ()  # empty: the study's seeds (and extra seeds)
-    lr_factors: tuple[float, ...] = ()  # empty: the study's
-    lr_per_256: float = 0.0  # its recipe's (with the spec's and its own overrides), which factors multiply
+    seeds: tuple[Count, ...] = ()  # empty: the study's seeds (and extra seeds)
+    lr_factors: tuple[PositiveFloat, ...] = ()  # empty: the study's
+    lr_per_256: float = derived(0.0)  # its recipe's (with the spec's and its own overrides), which factors multiply
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,20 @@ class Run:
 
 @dataclass(frozen=True)
 class StudySpec:
-    name: str
-    description: str
-    methods: tuple[Method, ...]
-    batches: tuple[int, ...]
-    epochs: int = 90
-    seeds: tuple[int, ...] = (0,)
-    extra_seeds: tuple[int, ...] = ()
-    extra_seeds_from: int = 0
-    set: tuple[str, ...] = field(default=())
-    only_seeds: tuple[int, ...] = ()  # a reduced grid: just these seeds of each cell
-    only_methods: tuple[str, ...] = ()  # a reduced grid: just these methods
-    lr_factors: tuple[float, ...] = (1.0,)  # multiples of each recipe's lr_per_256 (tuning)
+    """A spec file's top level; its ``[methods.NAME]`` tables become ``methods``."""
+
+    name: str = derived("")  # the file's name
+    description: str = ""
+    methods: tuple[Method, ...] = derived(())
+    batches: tuple[Positive, ...] = ()
+    epochs: Positive = 90
+    seeds: tuple[Count, ...] = (0,)
+    extra_seeds: tuple[Count, ...] = ()
+    extra_seeds_from: Count = 0
+    set: tuple[str, ...] = ()
+    only_seeds: tuple[int, ...] = derived(())  # a reduced grid: just these seeds of each cell
+    only_methods: tuple[str, ...] = derived(())  # a reduced grid: just these methods
+    lr_factors: tuple[PositiveFloat, ...] = (1.0,)  # multiples of each recipe's lr_per_256 (tuning)
 
     def runs(self) -> list[Run]:
         """The grid: every method at its batches, every seed (extra seeds at large batches)."""
@@ -128,27 +132,10 @@ def builtin_names() -> list[str]:
     return tomlfile.builtin_names("specs")
 
 
-_TOP = {"description": str, "epochs": int, "batches": list, "seeds": list, "extra_seeds": list,
-        "extra_seeds_from": int, "set": list, "methods": dict, "lr_factors": list}
-_METHOD = {"recipe": str, "batches": list, "largest_only": bool, "ablation_of": str, "set": list,
-           "seeds": list, "lr_factors": list}
-
-
-def _factors(table: dict[str, Any], where: str) -> tuple[float, ...]:
-    factors = table.get("lr_factors", ())
-    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors):
-        raise UserError(f"study spec key {where}lr_factors must be positive numbers, got {factors!r}")
+def _distinct(factors: tuple[float, ...], where: str) -> tuple[float, ...]:
     if len(set(factors)) != len(factors):
-        raise UserError(f"study spec key {where}lr_factors repeats a value: {factors!r}")
-    return tuple(float(f) for f in factors)
-
-
-def _check(table: dict[str, Any], allowed: dict[str, type], where: str) -> None:
-    for key, value in table.items():
-        if key not in allowed:
-            raise UserError(f"unknown study spec key {where}{key}; known: {', '.join(allowed)}")
-        if not isinstance(value, allowed[key]) or isinstance(value, bool) and allowed[key] is int:
-            raise UserError(f"study spec key {where}{key} must be {allowed[key].__name__}, got {value!r}")
+        raise UserError(f"study spec key {where}lr_factors repeats a value: {list(factors)!r}")
+    return factors
 
 
 def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] | None = None,
@@ -160,26 +147,21 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
     ``extra_set`` is applied to every run after the spec's own overrides. Every method's
     recipe is loaded once to catch mistakes before running."""
     data = tomlfile.read(name_or_path, "specs", "study spec")
-    _check(data, _TOP, "")
-    if not data.get("methods"):
+    tables = data.pop("methods", None)
+    top = build(StudySpec, data, "study spec", handled=("methods",))
+    if not isinstance(tables, dict) or not tables:
         raise UserError(f"study spec {name_or_path} has no [methods.NAME] tables")
-    only_methods, methods = tuple(methods or ()), []
-    for name, table in data["methods"].items():
-        if not isinstance(table, dict) or "recipe" not in table:
-            raise UserError(f"study spec method {name} needs a recipe = \"NAME\"")
-        _check(table, _METHOD, f"methods.{name}.")
-        method_set = tuple(table.get("set", ()))
-        base = recipes.load(table["recipe"], [*data.get("set", ()), *extra_set, *method_set])
-        methods.append(Method(name, table["recipe"], tuple(table.get("batches", ())),
-                              table.get("largest_only", False), table.get("ablation_of", ""),
-                              method_set, tuple(table.get("seeds", ())), _factors(table, f"methods.{name}."),
-                              base.optimizer.lr_per_256))
-    spec = StudySpec(
-        name=Path(name_or_path).stem, description=data.get("description", ""), methods=tuple(methods),
-        batches=tuple(batches or data.get("batches", ())), epochs=epochs or data.get("epochs", 90),
-        seeds=tuple(data.get("seeds", (0,))), extra_seeds=tuple(data.get("extra_seeds", ())),
-        extra_seeds_from=data.get("extra_seeds_from", 0), set=(*data.get("set", ()), *extra_set),
-        only_seeds=tuple(seeds or ()), only_methods=only_methods, lr_factors=_factors(data, "") or (1.0,))
+    shared, chosen = (*top.set, *extra_set), []
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise UserError(f"study spec key methods.{name} must be a table [methods.{name}], got {table!r}")
+        method = build(Method, table, "study spec", f"methods.{name}.")
+        base = recipes.load(method.recipe, [*shared, *method.set])
+        chosen.append(replace(method, name=name, lr_per_256=base.optimizer.lr_per_256,
+                               lr_factors=_distinct(method.lr_factors, f"methods.{name}.")))
+    spec = replace(top, name=Path(name_or_path).stem, methods=tuple(chosen), batches=tuple(batches or top.batches),
+                   epochs=epochs or top.epochs, set=shared, only_seeds=tuple(seeds or ()),
+                   only_methods=tuple(methods or ()), lr_factors=_distinct(top.lr_factors, "") or (1.0,))
     if not spec.batches:
         raise UserError(f"study spec {name_or_path} needs batches = [...]")
     names = {m.name for m in spec.methods}
