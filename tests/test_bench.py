@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megabatch import bench_report, bench_timing, kernels
+from megabatch import kernels
+from megabatch.bench import report, timing
 from megabatch.build import native_bf16
 from megabatch.cli import main
 from megabatch.nn import ghost_bn_implementation
@@ -151,18 +152,18 @@ def test_with_compile_end_to_end_runs_again_with_the_compiled_step(tmp_path, mon
 
 def test_where_the_time_goes_by_hand():
     # Train step 2,000 images/s (0.5 ms each), baseline 1,000, input 1,500, end to end 1,250.
-    summary = bench_report.where_the_time_goes(2000.0, 1000.0, 1500.0, 1250.0)
+    summary = report.where_the_time_goes(2000.0, 1000.0, 1500.0, 1250.0)
     assert summary["ratio_to_plain"] == 2.0 and summary["input_over_train_step"] == 0.75
     assert summary["input_keeps_up"] is False and summary["end_to_end_over_train_step"] == 0.625
     assert summary["ms_per_1000_images"] == {"train_step": 500.0, "input_pipeline": pytest.approx(666.667, abs=1e-3),
                                              "end_to_end": 800.0}
-    lines = bench_report.time_lines(summary, "megabatch bf16", "pil decode on CPU, 8 workers")
+    lines = report.time_lines(summary, "megabatch bf16", "pil decode on CPU, 8 workers")
     assert "2.00x the plain loop at its settings" in lines[1]
     assert lines[2].endswith("pil decode on CPU, 8 workers: is the limit: it feeds 75% of what the train step takes")
     assert lines[3].endswith("62% of the train step's images/s")
-    fed = bench_report.where_the_time_goes(2000.0, 1000.0, 3000.0, 1900.0)
+    fed = report.where_the_time_goes(2000.0, 1000.0, 3000.0, 1900.0)
     assert fed["input_keeps_up"] is True
-    assert "keeps up (1.50x the train step)" in bench_report.time_lines(fed, "a", "b")[2]
+    assert "keeps up (1.50x the train step)" in report.time_lines(fed, "a", "b")[2]
 
 
 def test_quick_run_prints_the_table(quick):
@@ -183,10 +184,10 @@ def test_simulate_reads_the_result(quick, capsys):
 
 
 def test_a_second_result_of_the_day_does_not_overwrite_the_first(tmp_path):
-    first = bench_report.output_path(tmp_path, "NVIDIA H100 80GB HBM3")
+    first = report.output_path(tmp_path, "NVIDIA H100 80GB HBM3")
     assert re.fullmatch(r"nvidia-h100-80gb-hbm3-\d{4}-\d{2}-\d{2}\.json", first.name)
     first.write_text("{}")
-    assert bench_report.output_path(tmp_path, "NVIDIA H100 80GB HBM3").name == first.stem + "-2.json"
+    assert report.output_path(tmp_path, "NVIDIA H100 80GB HBM3").name == first.stem + "-2.json"
 
 
 def test_small_cnn_quick_run_writes_every_comparison_with_provenance(small):
@@ -258,10 +259,10 @@ def test_small_cnn_quick_run_writes_every_comparison_with_provenance(small):
 def test_interleaved_runs_the_configurations_in_turn():
     calls = []
     steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    timed = bench_timing.interleaved(steps, {"a": 2, "b": 1, "c": 1}, "cpu", 8, 3)
+    timed = timing.interleaved(steps, {"a": 2, "b": 1, "c": 1}, "cpu", 8, 3)
     assert "".join(calls) == "aabc" + "cbaa" + "aabc"  # every other round in reverse
     assert all(len(m["per_repeat"]) == 3 and positive(m["images_per_s"]) for m in timed.values())
-    ratio = bench_timing.compare({"images_per_s": 6.0, "per_repeat": [4.0, 6.0, 9.0]},
+    ratio = timing.compare({"images_per_s": 6.0, "per_repeat": [4.0, 6.0, 9.0]},
                                  {"images_per_s": 3.0, "per_repeat": [2.0, 3.0, 3.0]})
     assert ratio["ratio"] == 2.0 and ratio["paired_ratios"] == [2.0, 2.0, 3.0] and ratio["paired_spread"] == [2.0, 3.0]
 
@@ -294,8 +295,8 @@ def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
 def test_a_compile_mode_names_both_steps_and_reaches_both(tmp_path, monkeypatch):
-    from megabatch.bench_settings import Settings
-    from megabatch.bench_steps import Config, megabatch_run, plain_name, time_plain
+    from megabatch.bench.settings import Settings
+    from megabatch.bench.steps import Config, megabatch_run, plain_name, time_plain
 
     assert Config("bf16", "channels_last").name == "megabatch bf16 channels_last eager"
     assert Config("bf16", "channels_last", True).name == "megabatch bf16 channels_last compiled"

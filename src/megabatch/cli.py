@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megabatch import __version__
-from megabatch.bench import configure_parser as configure_bench
+from megabatch.bench.command import configure_parser as configure_bench
 from megabatch.errors import UserError
 from megabatch.simulate.command import configure_parser as configure_simulate
 
@@ -206,7 +206,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from megabatch.bench import run
+    from megabatch.bench.command import run
 
     return run(args)
 

@@ -8,7 +8,7 @@ import argparse
 import typing
 from dataclasses import dataclass
 
-from megabatch.bench_flags import at_least, wants_gpu
+from megabatch.bench.flags import at_least, wants_gpu
 from megabatch.recipe import CompileMode
 from megabatch.errors import UserError
 

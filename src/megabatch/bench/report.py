@@ -21,7 +21,7 @@ def row(name: str, m: dict, plain: float | None = None, mfu: float | None = None
 
 
 def ratio_line(label: str, r: dict) -> str:
-    """One ratio of two configurations timed side by side (:func:`megabatch.bench_timing.compare`),
+    """One ratio of two configurations timed side by side (:func:`megabatch.bench.timing.compare`),
     with its target where it has one."""
     lo, hi = r["paired_spread"]
     line = f"  {label:<{SMALL_WIDTH}} {r['ratio']:>9.3f}x  per repeat {lo:.3f}-{hi:.3f}"

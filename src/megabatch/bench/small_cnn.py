@@ -15,7 +15,7 @@ automatic micro-batch: 256 on a CPU, 1,024 on a GPU):
 * the memory format: the same megabatch step in contiguous (NCHW) layout against the
   default channels-last, which prices ``train.memory_format = "auto"``'s choice.
 
-The configurations are timed round-robin (:func:`megabatch.bench_timing.interleaved`),
+The configurations are timed round-robin (:func:`megabatch.bench.timing.interleaved`),
 so a busy machine slows both sides of each ratio alike. bf16 is measured everywhere, but
 where the device has no native bf16 (:func:`megabatch.build.native_bf16`) it is emulated,
 several times slower, and marked so; the BN and noise-scale comparisons are made at each
@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megabatch.bench_flags import at_least, wants_gpu
-from megabatch.bench_report import SMALL_COLUMNS, SMALL_WIDTH, output_path, ratio_line, row
-from megabatch.bench_timing import compare, interleaved, warm_up
+from megabatch.bench.flags import at_least, wants_gpu
+from megabatch.bench.report import SMALL_COLUMNS, SMALL_WIDTH, output_path, ratio_line, row
+from megabatch.bench.timing import compare, interleaved, warm_up
 from megabatch.errors import UserError
 
 RECIPE = "fashion-mnist-demo"
@@ -148,7 +148,8 @@ def configs(s: Settings) -> list[Config]:
 def megabatch_step(s: Settings, c: Config, out: Path) -> tuple[Callable[[], None], list[float], Any]:
     """(step, its losses, the Run): ``train_step`` on a Run of the demo recipe, fed the
     Run's own micro-batches of synthetic images held on the device."""
-    from megabatch import bench_input, recipe as recipes
+    from megabatch import recipe as recipes
+    from megabatch.bench import inputs
     from megabatch.build import build_run
     from megabatch.data.images import ImageTensors
     from megabatch.progress import Progress
@@ -163,7 +164,7 @@ def megabatch_step(s: Settings, c: Config, out: Path) -> tuple[Callable[[], None
     d = run.train_data
     run.train_data = ImageTensors(d.images.to(run.device), d.labels.to(run.device), d.mean, d.std, d.classes)
     set_hyperparameters(run.optimizer, *run.schedule(0.0))
-    feed = bench_input.steps(run.train_data, run.plan, run.device, run.recipe.data.augment, run.recipe.train.seed)
+    feed = inputs.steps(run.train_data, run.plan, run.device, run.recipe.data.augment, run.recipe.train.seed)
     losses: list[float] = []
     return lambda: losses.append(train_step(run, next(feed)).loss), losses, run
 
@@ -174,14 +175,15 @@ def plain_step(precision: str, run) -> tuple[Callable[[], None], list[float]]:
     import torch
     import torch.nn.functional as F
 
-    from megabatch import bench_input, models
+    from megabatch import models
+    from megabatch.bench import inputs
     from megabatch.build import AUTOCAST_DTYPES
 
     torch.manual_seed(0)
     model = models.create(MODEL, 10, 1).to(run.device, memory_format=run.layout)
     r = run.recipe
     optimizer = torch.optim.SGD(model.parameters(), lr=r.base_lr, momentum=0.9, weight_decay=r.optimizer.weight_decay)
-    feed = bench_input.steps(run.train_data, run.plan, run.device, r.data.augment, r.train.seed)
+    feed = inputs.steps(run.train_data, run.plan, run.device, r.data.augment, r.train.seed)
     dtype, passes = AUTOCAST_DTYPES[precision], run.plan.micro_batches
     losses: list[float] = []
 

@@ -1,9 +1,9 @@
-"""``megabatch bench``: what training does on this machine, in images/s.
+"""The ``megabatch bench`` command: its flags, and what it measures on ResNet-50.
 
 ``--model small-cnn`` measures the demo recipe's step against a plain PyTorch loop
-(:mod:`megabatch.bench_small`). For ResNet-50 (the default), one process measures:
+(:mod:`megabatch.bench.small_cnn`). For ResNet-50 (the default), one process measures:
 
-* the train step (:mod:`megabatch.bench_steps`): megabatch's own
+* the train step (:mod:`megabatch.bench.steps`): megabatch's own
   :func:`~megabatch.train.train_step` on a Run that :func:`~megabatch.build.build_run`
   builds from the paper's recipe (emulated workers, ghost BN, RMSprop warm-up, fp16
   gradient rounding), on synthetic images already on the device,
@@ -15,13 +15,13 @@
 * where one step's time goes (``--profile``, the default on a GPU): a ``torch.profiler``
   summary of the fastest configuration and of its plain twin: device time and kernels per
   step, host waits for the device, and the operators that take the most time;
-* the input pipeline on a folder of real JPEGs (:mod:`megabatch.bench_input`);
+* the input pipeline on a folder of real JPEGs (:mod:`megabatch.bench.inputs`);
 * end to end from that folder with the fastest eager setting, with the ``device`` decoder
   and with the fastest reader, peak memory, and the model FLOP utilization against the
   measured throughput of a large matmul in the same precision; with ``--compile``, once
   more with the compiled step (``--compile-mode``) from the reader that did best;
 * where the time goes: whether the input pipeline keeps up with the fastest eager step, and
-  what end to end keeps of the step's speed (:mod:`megabatch.bench_report`).
+  what end to end keeps of the step's speed (:mod:`megabatch.bench.report`).
 
 Warm-up steps are not timed; then ``repeats`` timings of ``steps`` steps each give the
 median images/s and the min-max spread. The JSON result, with its provenance, is written
@@ -38,11 +38,11 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from megabatch import bench_profile
-from megabatch.bench_report import COLUMNS, output_path, row, time_lines, where_the_time_goes
-from megabatch.bench_settings import COMPILE_MODES, Settings, settings
-from megabatch.bench_steps import RECIPE, Config, plain_name, time_megabatch, time_plain
-from megabatch.bench_timing import measure, peak_rss_bytes
+from megabatch.bench import profiling
+from megabatch.bench.report import COLUMNS, output_path, row, time_lines, where_the_time_goes
+from megabatch.bench.settings import COMPILE_MODES, Settings, settings
+from megabatch.bench.steps import RECIPE, Config, plain_name, time_megabatch, time_plain
+from megabatch.bench.timing import measure, peak_rss_bytes
 from megabatch.errors import UserError
 
 FLOP_PER_IMAGE_224 = 24.5e9  # ResNet-50: 4.1 GMAC forward = 8.2 GFLOP, backward twice that
@@ -50,7 +50,7 @@ FLOP_PER_IMAGE_224 = 24.5e9  # ResNet-50: 4.1 GMAC forward = 8.2 GFLOP, backward
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` flags to ``parser`` (a subcommand's parser)."""
-    from megabatch import bench_small
+    from megabatch.bench import small_cnn
 
     add = parser.add_argument
     add("--model", default="resnet50", choices=["resnet50", "small-cnn"],
@@ -61,11 +61,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add("--batch", type=int, metavar="N", help="images per step (resnet50: 256 on a GPU, 32 on a CPU; "
                                                "small-cnn: the demo recipe's)")
     add("--steps", type=int, metavar="N", help="steps per timed repeat (resnet50: 20 on a GPU, 5 on a CPU; "
-                                               f"small-cnn: about {bench_small.REPEAT_SECONDS:g} s of them)")
+                                               f"small-cnn: about {small_cnn.REPEAT_SECONDS:g} s of them)")
     add("--warmup", type=int, metavar="N", help="untimed steps before each measurement (3 on a GPU, 1 on a CPU; "
                                                 "small-cnn: 2 on a CPU)")
     add("--repeats", type=int, metavar="N", help="timed repeats: median and min-max (resnet50: 5 on a GPU, "
-                                                 f"3 on a CPU; small-cnn: {bench_small.REPEATS}, interleaved)")
+                                                 f"3 on a CPU; small-cnn: {small_cnn.REPEATS}, interleaved)")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="resnet50: also measure torch.compile on the fastest eager setting (default: on a GPU)")
     add("--compile-mode", metavar="MODE",
@@ -112,18 +112,19 @@ def run(args: argparse.Namespace) -> int:
     """Measure, print the table as it goes, write the JSON result after every part; 0 on success."""
     import torch
 
-    from megabatch import bench_input, bench_small, provenance, recipe as recipes
+    from megabatch import provenance, recipe as recipes
+    from megabatch.bench import inputs, small_cnn
     from megabatch.nn import ghost_bn_implementation
 
     if args.model == "small-cnn":
-        return bench_small.run(args)
+        return small_cnn.run(args)
     s = settings(args)
     device = torch.device(s.device)
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="megabatch-bench-") as tmp:
         tmp = Path(tmp)
-        root = bench_input.jpeg_folder(args.data, s.quick, tmp)
-        images = len(bench_input.open_folder(root, s.image_size))  # a bad layout fails now, not in an hour
+        root = inputs.jpeg_folder(args.data, s.quick, tmp)
+        images = len(inputs.open_folder(root, s.image_size))  # a bad layout fails now, not in an hour
         if images < s.batch:
             raise UserError(f"--data {root} holds {images} training images, fewer than --batch {s.batch}")
         try:
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"  {name}: {reading['cudagraph_skips']} compiled graph(s) ran without CUDA graphs "
                           f"(TORCH_LOGS=cudagraphs says why)")
                 if "profile" in reading:
-                    print("\n".join(bench_profile.lines(name, reading["profile"], top=3)), flush=True)
+                    print("\n".join(profiling.lines(name, reading["profile"], top=3)), flush=True)
             result["train_step"] = [step_entry(s, c, mb, pl, mfu) for c, mb, pl in pairs]
             save()
 
@@ -202,11 +203,11 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"input pipeline (JPEG folder, {images} training images, onto {s.device})")
         readings = []
-        for pipeline in bench_input.pipelines(device):
+        for pipeline in inputs.pipelines(device):
             # The warm-up also takes what the workers queued while starting (4 batches each),
             # so that the timed part sees what they deliver, not a backlog.
             warm = max(s.warmup, 1) + 4 * pipeline.workers
-            feed = bench_input.reader(root, pipeline, s.image_size, s.batch,
+            feed = inputs.reader(root, pipeline, s.image_size, s.batch,
                                       s.batch * (warm + s.repeats * s.steps), device)
             m = measure(lambda: [None for _ in next(feed)], s, s.batch, warm)
             feed.close()
@@ -220,9 +221,9 @@ def run(args: argparse.Namespace) -> int:
 
         # End to end with the device decoder (nvJPEG on a GPU), and with the fastest reader if another.
         on_device = next(p for p, _ in readings if p.decoder == "device")
-        ends: list[tuple[bench_input.Pipeline, dict]] = []
+        ends: list[tuple[inputs.Pipeline, dict]] = []
 
-        def end_to_end(config: Config, plain: dict, pipeline: bench_input.Pipeline) -> None:
+        def end_to_end(config: Config, plain: dict, pipeline: inputs.Pipeline) -> None:
             print(f"end to end (from the JPEG folder; {pipeline.name(device)})")
             e2e = time_megabatch(s, config, s.per_worker_batch, tmp / "e2e", (root, pipeline.decoder, pipeline.workers),
                                  profile=s.profile)
@@ -232,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  peak memory {e2e['peak_memory_bytes'] / 2 ** 30:.2f} GiB "
                   f"({'torch.cuda.max_memory_allocated' if s.device != 'cpu' else 'peak RSS of the process'})")
             if "profile" in e2e:
-                print("\n".join(bench_profile.lines(f"{config.name}, end to end", e2e["profile"], top=3)))
+                print("\n".join(profiling.lines(f"{config.name}, end to end", e2e["profile"], top=3)))
             ends.append((pipeline, {
                 "name": config.name, "decoder": pipeline.decoder, "workers": pipeline.workers,
                 "images_per_s": e2e["images_per_s"], "spread": e2e["spread"], "batch_size": s.batch,

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from megabatch import bench_profile
-from megabatch.bench_timing import measure, release
+from megabatch.bench import profiling
+from megabatch.bench.timing import measure, release
 
 if TYPE_CHECKING:
-    from megabatch.bench_settings import Settings
+    from megabatch.bench.settings import Settings
 
 RECIPE = "paper-resnet50-imagenet-32k"
 
@@ -43,7 +43,8 @@ class Config:
 def megabatch_run(s: Settings, config: Config, per_worker: int, out: Path, jpegs: tuple | None = None):
     """A Run of the paper's recipe at this batch, on synthetic images (moved to the device
     beforehand) or, with ``jpegs`` = (folder, decoder, workers), on a JPEG folder."""
-    from megabatch import bench_input, recipe as recipes
+    from megabatch import recipe as recipes
+    from megabatch.bench import inputs
     from megabatch.data.images import ImageTensors
     from megabatch.progress import Progress
     from megabatch.build import build_run
@@ -58,7 +59,7 @@ def megabatch_run(s: Settings, config: Config, per_worker: int, out: Path, jpegs
     if jpegs is None:
         values.update({"data.dataset": "synthetic", "data.synthetic_size": [2 * b, b, s.image_size, 3, 1000]})
     else:
-        values.update({"data.image_size": s.image_size, "data.resize_size": bench_input.resize_size(s.image_size),
+        values.update({"data.image_size": s.image_size, "data.resize_size": inputs.resize_size(s.image_size),
                        "data.decoder": jpegs[1], "data.workers": jpegs[2]})
     recipe = recipes.load(RECIPE, values=values)
     run = build_run(recipe, str(jpegs[0]) if jpegs else None, out, Progress(1, 1, enabled=False))
@@ -66,7 +67,7 @@ def megabatch_run(s: Settings, config: Config, per_worker: int, out: Path, jpegs
     if jpegs is None:  # time the step, not host-to-device copies
         run.train_data = ImageTensors(d.images.to(run.device), d.labels.to(run.device), d.mean, d.std, d.classes)
     else:  # one epoch lasts the whole measurement: the loader's workers start once
-        run.train_data = bench_input.repeated(d, b * (s.warmup + 2 + s.repeats * s.steps))
+        run.train_data = inputs.repeated(d, b * (s.warmup + 2 + s.repeats * s.steps))
     set_hyperparameters(run.optimizer, *recipe_values(recipe, 0.0, run.steps_per_epoch))
     return run
 
@@ -75,11 +76,11 @@ def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpeg
                    profile: bool = False) -> dict:
     """The real megabatch step, timed: ``train_step`` on the Run's own micro-batches
     (and, with ``profile``, profiled for a few more steps)."""
-    from megabatch import bench_input
+    from megabatch.bench import inputs
     from megabatch.train import train_step
 
     run = megabatch_run(s, config, per_worker, out, jpegs)
-    feed = bench_input.steps(run.train_data, run.plan, run.device, run.recipe.data.augment, run.recipe.train.seed)
+    feed = inputs.steps(run.train_data, run.plan, run.device, run.recipe.data.augment, run.recipe.train.seed)
     losses = []
 
     def step() -> None:
@@ -90,7 +91,7 @@ def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpeg
         result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
     result.update(skips)
     if profile:
-        result["profile"] = bench_profile.profile_steps(step, s.device)
+        result["profile"] = profiling.profile_steps(step, s.device)
     feed.close()
     bad = sum(not loss == loss or abs(loss) == float("inf") for loss in losses)
     if bad:
@@ -165,7 +166,7 @@ def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
             result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
         result.update(skips)
         if profile:
-            result["profile"] = bench_profile.profile_steps(step, s.device)
+            result["profile"] = profiling.profile_steps(step, s.device)
     del model, net, optimizer
     release()
     return result
