@@ -46,6 +46,22 @@ def test_python_dash_m_entry_point_and_debug_traceback():
     assert bad.returncode != 0 and "Traceback" in bad.stderr
 
 
+def test_the_command_line_starts_without_torch():
+    # Every command's parser is built at start; torch is imported when a command runs.
+    code = "import sys; from megabatch.cli import build_parser; build_parser(); print(sorted(sys.modules))"
+    modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'megabatch.bench.command'" in modules and "'torch'" not in modules
+
+
+def test_a_reader_that_leaves_early_is_no_error():
+    # `megabatch schedule ... | head -1`: far more rows than a pipe holds, the reader gone after one.
+    cmd = [sys.executable, "-m", "megabatch", "schedule", "--recipe", "fashion-mnist-demo", "--every", "0.0002"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        assert p.stdout.readline() == "epoch,lr,alpha_sgd\n"
+        p.stdout.close()
+        assert p.wait() == 0 and p.stderr.read() == ""
+
+
 def test_schedule_shows_the_rescaling(capsys):
     assert main(["schedule", "--recipe", "paper-resnet50-imagenet-32k", "--set", "schedule.reference_epochs=90",
                  "--set", "train.epochs=9", "--epochs", "1.05,4"]) == 0

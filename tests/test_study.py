@@ -9,7 +9,7 @@ import pytest
 
 from megabatch.cli import main
 from megabatch.errors import UserError
-from megabatch.study import load_spec
+from megabatch.study.spec import load_spec
 from megabatch.study.report import largest_keeping_up, loss_spikes
 
 TINY = """

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 
-from megabatch.study import load_spec
+from megabatch.study.spec import load_spec
 
 
 def test_first_seeds_run_first():

@@ -6,7 +6,8 @@ recipe's global batch, each split into its micro-batches (the small batches of t
 estimate), with the model in training mode and its per-worker BN, exactly as a
 training step sees it; the weights are left as they were. The paper's model of
 steps and data then says what a batch B costs: S = S_min (1 + B_noise / B) optimizer
-steps and E = E_min (1 + B / B_noise) images.
+steps and E = E_min (1 + B / B_noise) images. torch is imported inside :func:`run`, so
+that the command line starts without it.
 """
 
 from __future__ import annotations
@@ -14,14 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 
-import torch
-import torch.nn.functional as F
-
-from megabatch import checkpoint, noise
-from megabatch import recipe as recipes
-from megabatch.batching import BatchPlan, epoch_order, max_micro_batch
-from megabatch.build import build_model, configure_backends, resolve_device
-from megabatch.data import load_datasets
 from megabatch.errors import UserError
 
 BATCHES = (128, 512, 2048, 8192, 32768)
@@ -37,6 +30,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from megabatch import checkpoint, noise
+    from megabatch import recipe as recipes
+    from megabatch.batching import BatchPlan, epoch_order, max_micro_batch
+    from megabatch.build import build_model, configure_backends, resolve_device
+    from megabatch.data import load_datasets
+
     if args.steps < 2:
         raise UserError(f"--steps must be at least 2 (the interval needs repeated estimates), not {args.steps}")
     recipe = recipes.load(args.recipe, args.set)
