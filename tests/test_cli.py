@@ -62,6 +62,17 @@ def test_a_reader_that_leaves_early_is_no_error():
         assert p.wait() == 0 and p.stderr.read() == ""
 
 
+def test_a_broken_pipe_that_is_not_stdouts_is_an_error(monkeypatch):
+    from megabatch import schedule_command
+
+    def lost_worker(args):
+        raise BrokenPipeError(32, "Broken pipe")  # e.g. a data loader worker's pipe
+
+    monkeypatch.setattr(schedule_command, "run", lost_worker)
+    with pytest.raises(BrokenPipeError):
+        main(["schedule", "--recipe", "fashion-mnist-demo"])
+
+
 def test_schedule_shows_the_rescaling(capsys):
     assert main(["schedule", "--recipe", "paper-resnet50-imagenet-32k", "--set", "schedule.reference_epochs=90",
                  "--set", "train.epochs=9", "--epochs", "1.05,4"]) == 0

@@ -93,6 +93,15 @@ def test_spec_errors_are_one_line(tmp_path):
         bad.write_text(TINY.replace(*edit))
         with pytest.raises(UserError, match=message):
             load_spec(str(bad))
+    bad.write_text("batches = [256]\nmethods = 3\n")
+    with pytest.raises(UserError, match="study spec key methods must be tables"):
+        load_spec(str(bad))
+    bad.write_text(TINY)
+    for flags, message in [({"seeds": [7]}, "--seeds 7: no run of study spec .* has these seeds; its seeds: 0"),
+                           ({"epochs": 0}, "--epochs 0: give a positive number"),
+                           ({"batches": [256, 0]}, "--batches 256,0: give positive global batches")]:
+        with pytest.raises(UserError, match=message):
+            load_spec(str(bad), **flags)
     good = tmp_path / "tiny.toml"
     good.write_text(TINY)
     with pytest.raises(UserError, match="--methods: lasso not in study spec"):

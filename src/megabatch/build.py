@@ -97,8 +97,8 @@ def backends(device: torch.device, recipe: Recipe):
     what they were (the bench sets a loop's flags, then hands the process back as it found it)."""
     with _tf32_setters():
         saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    configure_backends(device, recipe)
     try:
+        configure_backends(device, recipe)
         yield
     finally:
         with _tf32_setters():

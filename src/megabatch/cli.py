@@ -89,16 +89,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("megabatch: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader left (`megabatch schedule ... | head`): nothing to report
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        return 0
     except Exception as e:
+        if isinstance(e, BrokenPipeError) and not args.debug and _stdout_gone():
+            # The reader left (`megabatch schedule ... | head`): nothing to report.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return 0
         # Under several processes a crash is one line naming the rank (torchrun then
         # stops the others); alone, the traceback is the most useful report.
         if args.debug or not _rank_prefix():
             raise
         _print_error(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
         return 1
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has left (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), no file behind stdout
+        return False
+    return any(event & select.POLLERR for _, event in poller.poll(0))
 
 
 def _rank_prefix() -> str:

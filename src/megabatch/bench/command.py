@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
             # so that the timed part sees what they deliver, not a backlog.
             warm = max(s.warmup, 1) + 4 * pipeline.workers
             feed = inputs.reader(root, pipeline, s.image_size, s.batch,
-                                      s.batch * (warm + s.repeats * s.steps), device)
+                                 s.batch * (warm + s.repeats * s.steps), device)
             m = measure(lambda: [None for _ in next(feed)], s, s.batch, warm)
             feed.close()
             readings.append((pipeline, m))

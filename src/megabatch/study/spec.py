@@ -41,7 +41,7 @@ from megabatch.errors import UserError
 from megabatch.typed import Count, Positive, PositiveFloat, build, derived
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Method:
     """A ``[methods.NAME]`` table: a recipe and where it runs in the grid."""
 
@@ -149,8 +149,14 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
     data = tomlfile.read(name_or_path, "specs", "study spec")
     tables = data.pop("methods", None)
     top = build(StudySpec, data, "study spec", handled=("methods",))
-    if not isinstance(tables, dict) or not tables:
+    if tables is not None and not isinstance(tables, dict):
+        raise UserError(f"study spec key methods must be tables [methods.NAME], got {tables!r}")
+    if not tables:
         raise UserError(f"study spec {name_or_path} has no [methods.NAME] tables")
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs {epochs}: give a positive number of epochs")
+    if batches and min(batches) < 1:
+        raise UserError(f"--batches {','.join(map(str, batches))}: give positive global batches")
     shared, chosen = (*top.set, *extra_set), []
     for name, table in tables.items():
         if not isinstance(table, dict):
@@ -168,6 +174,10 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
     if unknown := [m for m in spec.only_methods if m not in names]:
         raise UserError(f"--methods: {', '.join(unknown)} not in study spec {name_or_path}; "
                         f"its methods: {', '.join(names)}")
+    if spec.only_seeds and not spec.runs():
+        seeds_planned = sorted({run.seed for run in spec.whole().runs()})
+        raise UserError(f"--seeds {','.join(map(str, spec.only_seeds))}: no run of study spec {name_or_path} has "
+                        f"these seeds; its seeds: {', '.join(map(str, seeds_planned))}")
     for method in spec.methods:
         if method.ablation_of and method.ablation_of not in names:
             raise UserError(f"method {method.name}: ablation_of = {method.ablation_of!r} is not a method")
