@@ -263,7 +263,7 @@ def test_interleaved_runs_the_configurations_in_turn():
     assert "".join(calls) == "aabc" + "cbaa" + "aabc"  # every other round in reverse
     assert all(len(m["per_repeat"]) == 3 and positive(m["images_per_s"]) for m in timed.values())
     ratio = timing.compare({"images_per_s": 6.0, "per_repeat": [4.0, 6.0, 9.0]},
-                                 {"images_per_s": 3.0, "per_repeat": [2.0, 3.0, 3.0]})
+                           {"images_per_s": 3.0, "per_repeat": [2.0, 3.0, 3.0]})
     assert ratio["ratio"] == 2.0 and ratio["paired_ratios"] == [2.0, 2.0, 3.0] and ratio["paired_spread"] == [2.0, 3.0]
 
 

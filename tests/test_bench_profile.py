@@ -69,7 +69,7 @@ def test_each_wait_for_the_device_is_traced_to_the_operators_around_it():
         {"chain": "aten::tolist > aten::copy_ > cudaStreamSynchronize", "per_step": 1.0},
         {"chain": "cudaDeviceSynchronize", "per_step": 0.5}]
     printed = profiling.lines("m", {**profiling.summarize(GPU_ROWS, 2, 0.01, True),
-                                        "waits_from": profiling.wait_origins(events, calls=2)})
+                                    "waits_from": profiling.wait_origins(events, calls=2)})
     assert printed[-2:] == ["    wait x1 from aten::tolist > aten::copy_ > cudaStreamSynchronize",
                             "    wait x0.5 from cudaDeviceSynchronize"]
 
