@@ -105,11 +105,11 @@ def test_a_cuda_run_computes_what_the_cpu_run_does(tmp_path, fashion_dir, float6
         torch.testing.assert_close(results["cuda"][key], value, rtol=1e-7, atol=1e-9, msg=lambda m: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("micro_batch", [64, 32])  # two workers per pass, or one
-def test_a_step_reads_no_tensor_on_the_host_but_its_loss(tmp_path, fashion_dir, micro_batch):
-    # On a GPU every read of a tensor's value on the host (.item(), int(), a blocking copy)
-    # waits for the device and stalls its queue: a step may read only the agreed loss (one
-    # .tolist(), which does not dispatch here). Counted on the CPU by the dispatcher.
+def host_reads_of_a_step(run) -> tuple[int, int]:
+    """(reads of a tensor's value on the host, operators) in the second step of ``run``: on
+    a GPU every such read (.item(), int(), a blocking copy) waits for the device and stalls
+    its queue. Counted on the CPU by the dispatcher (the step's one .tolist() of the agreed
+    loss does not dispatch here)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Reads(TorchDispatchMode):
@@ -122,14 +122,29 @@ def test_a_step_reads_no_tensor_on_the_host_but_its_loss(tmp_path, fashion_dir, 
             self.reads += func is torch.ops.aten._local_scalar_dense.default
             return func(*args, **(kwargs or {}))
 
-    run = quiet_run(tmp_path, ["batch.global_batch=128", f"batch.micro_batch={micro_batch}", "train.max_steps=2",
-                               "data.augment=true"])
     batches = run.train_data.training_batches(run.plan.epoch(epoch_order(0, 0, len(run.train_data)), 0),
                                               0, True, run.device)
     train_step(run, next(batches))  # the optimizer's state is created in the first step
     with Reads() as counted:
         train_step(run, next(batches))
-    assert counted.reads == 0 and counted.ops > 100  # (the mode saw the step)
+    return counted.reads, counted.ops
+
+
+@pytest.mark.parametrize("micro_batch", [64, 32])  # two workers per pass, or one
+def test_a_step_reads_no_tensor_on_the_host_but_its_loss(tmp_path, fashion_dir, micro_batch):
+    run = quiet_run(tmp_path, ["batch.global_batch=128", f"batch.micro_batch={micro_batch}", "train.max_steps=2",
+                               "data.augment=true"])
+    reads, ops = host_reads_of_a_step(run)
+    assert reads == 0 and ops > 100  # (the mode saw the step)
+
+
+def test_the_noise_scale_adds_no_host_read_to_an_fp16_step(tmp_path, fashion_dir):
+    # fp16's GradScaler reads whether the gradients overflowed (PyTorch's own design); the
+    # noise-scale estimate, which needs its scale, adds no read per micro-batch to that.
+    reads = {on: host_reads_of_a_step(quiet_run(tmp_path / str(on), [
+        "batch.global_batch=128", "batch.micro_batch=32", "train.max_steps=2", "train.precision=fp16",
+        f"train.noise_scale={str(on).lower()}"]))[0] for on in (False, True)}
+    assert reads[True] == reads[False]
 
 
 def test_paper_scale_1024_workers_run_with_memory_bounded_by_micro_batch(tmp_path, fashion_dir):

@@ -109,23 +109,26 @@ class NoisePieces:
             return
         grads = [p.grad for p in self.params]
         piece = grads if self.previous is None else torch._foreach_sub(grads, self.previous)
-        # The micro-batch contributed (micro / share) x its own mean gradient (x the fp16 scale).
-        factor = plan.local_batch / plan.micro_batch / self._scale()
-        self.small.append(sq_norm(piece) * factor ** 2)
-        self.previous = [g.clone() for g in grads]
+        # The micro-batch contributed (micro / share) x its own mean gradient (x the fp16
+        # scale, divided out in norms()).
+        self.small.append(sq_norm(piece) * (plan.local_batch / plan.micro_batch) ** 2)
+        if self.previous is None:
+            self.previous = [g.clone() for g in grads]
+        else:  # one multi-tensor copy into the step's buffers, not an allocation per tensor
+            torch._foreach_copy_(self.previous, grads)
 
     def norms(self) -> list[torch.Tensor]:
         if not self.on:
             return []
-        big = sq_norm([p.grad for p in self.params]) / self._scale() ** 2
-        return [torch.stack(self.small).mean(), big]
+        # The fp16 loss scale as a tensor on the device (GradScaler.scale of a one):
+        # get_scale() would read it on the host, which waits for a GPU.
+        scale = self.run.scaler.scale(torch.ones((), device=self.run.device)) if self.run.scaler else 1.0
+        big = sq_norm([p.grad for p in self.params])
+        return [torch.stack(self.small).mean() / scale ** 2, big / scale ** 2]
 
     def update(self, norms: list[float]) -> None:
         if self.on and all(math.isfinite(v) for v in norms):  # an fp16 overflow step says nothing
             self.run.noise.update(norms[0], norms[1], self.run.plan.micro_batch, self.run.plan.global_batch)
-
-    def _scale(self) -> float:
-        return self.run.scaler.get_scale() if self.run.scaler else 1.0
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
