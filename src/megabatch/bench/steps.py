@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from megabatch.bench import profiling
-from megabatch.bench.timing import measure, release
+from megabatch.bench.timing import measure, released
 
 if TYPE_CHECKING:
     from megabatch.bench.settings import Settings
@@ -72,6 +72,7 @@ def megabatch_run(s: Settings, config: Config, per_worker: int, out: Path, jpegs
     return run
 
 
+@released
 def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpegs: tuple | None = None,
                    profile: bool = False) -> dict:
     """The real megabatch step, timed: ``train_step`` on the Run's own micro-batches
@@ -97,8 +98,6 @@ def time_megabatch(s: Settings, config: Config, per_worker: int, out: Path, jpeg
     if bad:
         result["non_finite_losses"] = bad
         print(f"warning: {config.name}: {bad} non-finite losses (those steps skip the optimizer)", file=sys.stderr)
-    del run
-    release()
     return result
 
 
@@ -126,6 +125,7 @@ def plain_name(config: Config) -> str:
     return f"plain PyTorch {config.precision} {config.memory_format} {config.compiled}"
 
 
+@released
 def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
     """A user's own loop at ``config``'s precision, memory format and compile setting:
     torchvision ResNet-50, nn.BatchNorm2d over the whole batch, momentum SGD (PyTorch's
@@ -170,6 +170,4 @@ def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
         result.update(skips)
         if profile:
             result["profile"] = profiling.profile_steps(step, s.device)
-    del model, net, optimizer
-    release()
     return result

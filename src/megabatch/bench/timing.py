@@ -11,6 +11,7 @@ busy shared machine slows every side of a comparison alike;
 
 from __future__ import annotations
 
+import functools
 import gc
 import resource
 import statistics
@@ -98,14 +99,21 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             "paired_median": statistics.median(paired), "paired_spread": [min(paired), max(paired)]}
 
 
-def release() -> None:
-    """Free what the last measurement held (models, compiled graphs, cached blocks)."""
-    import torch
+def released(measurement: Callable[..., Any]) -> Callable[..., Any]:
+    """``measurement``, after which what it held (its model, compiled graphs, cached device
+    blocks) is freed before the next one: its frame is gone once it returns, so gc frees it."""
+    @functools.wraps(measurement)
+    def measured(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return measurement(*args, **kwargs)
+        finally:
+            import torch
 
-    gc.collect()
-    torch.compiler.reset()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+            gc.collect()
+            torch.compiler.reset()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return measured
 
 
 def peak_rss_bytes() -> int:
