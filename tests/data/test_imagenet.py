@@ -204,6 +204,34 @@ def test_odd_files_decode_and_damaged_ones_are_replaced(tiny, tmp_path, decoder,
     assert x.shape == (5, 3, SIZE, SIZE) and source.take_unreadable() == []
 
 
+def test_the_device_decoders_augmentation_costs_two_calls_per_image(tiny):
+    # On a GPU the host launches each kernel of a micro-batch's crops, and the step already
+    # waits on the host: per image only the crop's resize (and its conversion to float),
+    # which sizes that differ keep apart; rounding and flips once per batch. The seeded
+    # draws of the crop boxes run on the CPU and launch nothing.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        free = ("rand", "randint", "_local_scalar_dense", "slice", "select", "unsqueeze", "view", "lift_fresh")
+
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.__name__.split(".")[0] not in self.free
+            return func(*args, **(kwargs or {}))
+
+    train, _ = imagenet.load(tiny, SIZE, 40, decoder="device", workers=0)
+    images = [imagenet.decode_rgb(imagenet.read_bytes(path)) for path, _ in train.samples[:16]]
+    calls = {}
+    for n in (8, 16):
+        with Calls() as counted:
+            train._crops(images[:n], [imagenet.Item(i, 0, i) for i in range(n)], torch.device("cpu"))
+        calls[n] = counted.count
+    assert calls[16] - calls[8] == 2 * 8 and calls[8] - 2 * 8 <= 6
+
+
 def test_the_script_writes_the_odd_files(tmp_path, fashion_dir, capsys):
     import runpy
     import sys

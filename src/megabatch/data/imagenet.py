@@ -203,7 +203,7 @@ class ImageFolderSource:
         self.unreadable += bad
         if self.decoder == "device":
             decoded, labels = self._decode_all(images, labels, items, device)
-            x = torch.stack([self._decode_on_device(data, item, device) for data, item in zip(decoded, items)])
+            x = self._crops(decoded, items, device)
         else:  # stacked by the loader's worker (collate)
             x = (images if isinstance(images, torch.Tensor) else torch.stack(images)).to(device, non_blocking=True)
         # (torch.tensor(..., device=cuda) would be a blocking copy: the host waiting for the GPU)
@@ -248,15 +248,26 @@ class ImageFolderSource:
             self.unreadable.append(path)
         raise UserError("no image of the data set can be read")
 
-    def _decode_on_device(self, image: torch.Tensor, item: Item, device: torch.device) -> torch.Tensor:
-        if item.epoch < 0:
-            return TF.center_crop(TF.resize(image, self.resize_size, antialias=True), [self.image_size] * 2)
-        g = sample_generator(self.seed, item.epoch, item.position)
-        top, left, h, w = crop_box(image.shape[-2], image.shape[-1], g)
-        crop = F.interpolate(image[None, :, top:top + h, left:left + w].float(), size=[self.image_size] * 2,
-                             mode="bilinear", antialias=True, align_corners=False)[0]
-        crop = crop.round_().clamp_(0, 255).to(torch.uint8)
-        return crop.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else crop
+    def _crops(self, images: list[torch.Tensor], items: list[Item], device: torch.device) -> torch.Tensor:
+        """The micro-batch's decoded images cropped and resized as the ``"pil"`` decoder does
+        (training: a random-resized crop and a flip; evaluation: resize, center crop), with
+        the uint8 values it gives. Images differ in size, so each one's crop and resize is its
+        own call; the rounding and the flips then run once over the whole batch (on a GPU,
+        two kernels per image and a few per batch: the host launches them all)."""
+        if items[0].epoch < 0:  # evaluation, or training without augmentation
+            return torch.stack([TF.center_crop(TF.resize(image, self.resize_size, antialias=True),
+                                               [self.image_size] * 2) for image in images])
+        crops, flips = [], []
+        for image, item in zip(images, items):
+            g = sample_generator(self.seed, item.epoch, item.position)
+            top, left, h, w = crop_box(image.shape[-2], image.shape[-1], g)
+            crops.append(F.interpolate(image[None, :, top:top + h, left:left + w].float(),
+                                       size=[self.image_size] * 2, mode="bilinear", antialias=True,
+                                       align_corners=False)[0])
+            flips.append(torch.rand(1, generator=g).item() < 0.5)
+        x = torch.stack(crops).round_().clamp_(0, 255)  # whole numbers in [0, 255]: the uint8 values
+        flip = torch.tensor(flips).view(-1, 1, 1, 1).to(device, non_blocking=True)
+        return torch.where(flip, x.flip(-1), x)
 
     def training_batches(self, steps: Iterable[StepIndices], seed: int, augment: bool,
                          device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
