@@ -272,6 +272,19 @@ def test_noise_scale_is_measured_without_changing_training(tmp_path, fashion_dir
     assert 1.0 < noise.noise_scale < 1e5
 
 
+def test_the_noise_scale_in_fp16_is_that_of_the_unscaled_gradients(tmp_path, fashion_dir):
+    # fp16's GradScaler multiplies every gradient by 65,536: the estimate divides it out.
+    noise = {}
+    for precision in ("fp32", "fp16"):
+        run = quiet_run(tmp_path / precision, ["batch.global_batch=256", "batch.micro_batch=64",
+                                               "train.max_steps=1", f"train.precision={precision}",
+                                               "train.noise_scale=true"])
+        train_one_epoch(run, 0)
+        noise[precision] = (run.noise.grad_sq_norm, run.noise.trace_sigma)
+    assert run.scaler is not None and run.scaler.get_scale() > 1000
+    assert noise["fp16"] == pytest.approx(noise["fp32"], rel=0.02)
+
+
 def test_diverged_run_with_step_checkpoints_names_one_that_resumes(tmp_path, capsys, fashion_dir):
     """The weights go non-finite one step before the loss does: that step is never
     saved, and the checkpoint the message names evaluates and resumes."""

@@ -91,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         if isinstance(e, BrokenPipeError) and not args.debug and _stdout_gone():
-            # The reader left (`megabatch schedule ... | head`): nothing to report.
+            # The reader left (`megabatch schedule ... | head`): no traceback, and the status
+            # of a writer that lost its pipe (128 + SIGPIPE), since the command did not finish.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-            return 0
+            return 141
         # Under several processes a crash is one line naming the rank (torchrun then
         # stops the others); alone, the traceback is the most useful report.
         if args.debug or not _rank_prefix():
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stdout_gone() -> bool:
-    """Whether stdout is a pipe whose reader has left (poll reports an error on it)."""
+    """Whether stdout is a pipe or socket whose reader has left (poll reports an error or a
+    hang-up on it; a terminal, a file or /dev/null reports neither)."""
     import select
 
     try:
@@ -111,7 +113,7 @@ def _stdout_gone() -> bool:
         poller.register(sys.stdout.fileno(), select.POLLOUT)
     except (AttributeError, OSError, ValueError):  # no poll() (Windows), no file behind stdout
         return False
-    return any(event & select.POLLERR for _, event in poller.poll(0))
+    return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
 
 
 def _rank_prefix() -> str:

@@ -265,7 +265,9 @@ class ImageFolderSource:
                                        size=[self.image_size] * 2, mode="bilinear", antialias=True,
                                        align_corners=False)[0])
             flips.append(torch.rand(1, generator=g).item() < 0.5)
-        x = torch.stack(crops).round_().clamp_(0, 255)  # whole numbers in [0, 255]: the uint8 values
+        x = torch.stack(crops)
+        del crops  # (the float crops: four times the batch's uint8 size)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
         flip = torch.tensor(flips).view(-1, 1, 1, 1).to(device, non_blocking=True)
         return torch.where(flip, x.flip(-1), x)
 
