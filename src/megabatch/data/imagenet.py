@@ -24,6 +24,7 @@ or a bad setting and is raised as it is.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -156,7 +157,8 @@ def read_rgb(path: str) -> Image.Image:
 def decode_rgb(data: torch.Tensor) -> torch.Tensor | None:
     """One image's bytes decoded on the CPU; None when they do not decode."""
     try:
-        return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+        with decoders():
+            return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
     except RuntimeError:  # torchvision's decoders raise RuntimeError on damaged data
         return None
 
@@ -164,9 +166,19 @@ def decode_rgb(data: torch.Tensor) -> torch.Tensor | None:
 def decode_jpeg_on(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """One JPEG's bytes decoded on ``device`` (nvJPEG on a GPU); None when it refuses them."""
     try:
-        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+        with decoders():
+            return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
     except RuntimeError:
         return None
+
+
+@contextlib.contextmanager
+def decoders() -> Iterator[None]:
+    """torchvision's decoders without their deprecation warning: torchvision 0.29 points to
+    TorchCodec, but decode_jpeg and decode_image still work, and the user chose nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
 
 def collate(batch: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, list[str], list[Item]]:
@@ -216,8 +228,7 @@ class ImageFolderSource:
         """Decode a micro-batch at once; if that fails, image by image, replacing any
         file that does not decode as the ``"pil"`` decoder does: by the next readable
         image of the data set, with its own label (and counting the bad file)."""
-        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; decode_jpeg still works
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with decoders():
             try:
                 return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
                                                   device=device), labels
