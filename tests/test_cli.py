@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -61,6 +62,24 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
         assert p.stdout.readline() == "epoch,lr,alpha_sgd\n"
         p.stdout.close()
         assert p.wait() == 141 and p.stderr.read() == ""
+
+
+def test_a_training_run_outlives_a_reader_that_leaves(tmp_path, fashion_dir):
+    # `megabatch train ... | tee log` with tee gone: no data lost. The run stops printing,
+    # finishes and writes its checkpoint; a warning says so once.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "megabatch", "train", "--recipe", "fashion-mnist-demo", "--out", str(out)]
+    for value in ("data.train_subset=1024", "data.test_subset=256", "train.epochs=3", "batch.global_batch=256",
+                  "train.precision=fp32", "train.device=cpu"):
+        cmd += ["--set", value]
+    env = {**os.environ, "MEGABATCH_PLAIN_PROGRESS": "1"}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as p:
+        assert p.stdout.readline().startswith("recipe fashion-mnist-demo")
+        p.stdout.close()
+        assert p.wait() == 0
+        warnings = [line for line in p.stderr.read().splitlines() if "the output is gone" in line]
+    assert len(warnings) == 1 and (out / "final.pt").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_a_broken_pipe_that_is_not_stdouts_is_an_error(monkeypatch):

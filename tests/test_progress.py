@@ -83,3 +83,21 @@ def test_when_the_bar_is_drawn(env, stream, bar):
 def test_a_bad_value_of_the_variable_is_a_user_error():
     with pytest.raises(UserError, match=f"{PLAIN_VARIABLE}='yes' must be 1"):
         Progress(epochs=1, steps_per_epoch=1, stream=Terminal(), env={PLAIN_VARIABLE: "yes"})
+
+
+class GoneReader(Terminal):
+    """A stream whose reader left: every write fails, as on a closed pipe."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("interactive", [False, True])
+def test_a_run_outlives_its_output(capsys, interactive):
+    progress = Progress(epochs=2, steps_per_epoch=4, stream=GoneReader(), interactive=interactive)
+    progress.step(0, 1, 2.5, 1000.0)
+    progress.info("epoch 1/2 ...")  # the run goes on: no error
+    progress.info("epoch 2/2 ...")
+    assert not progress.enabled
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("megabatch: warning: the output is gone (Broken pipe)")

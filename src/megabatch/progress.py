@@ -13,9 +13,10 @@ hands every rank a pseudo-terminal even when its own output goes to a file (so
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Mapping, TextIO
+from typing import Iterator, Mapping, TextIO
 
 from tqdm import tqdm
 
@@ -51,14 +52,35 @@ class Progress:
     def info(self, message: str) -> None:
         """One plain line (the bar, if drawn, is cleared first and comes back at the next step)."""
         if self.enabled:
-            if self._bar is not None:
-                self._bar.clear()
-            print(message, file=self.stream, flush=True)
+            with self._output_may_go():
+                if self._bar is not None:
+                    self._bar.clear()
+                print(message, file=self.stream, flush=True)
 
     def step(self, epoch: int, step: int, loss: float, images_per_s: float) -> None:
         """Advance the bar after ``step`` (1-based) of ``epoch`` (0-based); a no-op off a terminal."""
         if not (self.enabled and self.interactive):
             return
+        with self._output_may_go():
+            self._advance(epoch, step, loss, images_per_s)
+
+    @contextlib.contextmanager
+    def _output_may_go(self) -> Iterator[None]:
+        """A run outlives its output: when the stream's reader is gone (a closed pipe, a
+        `tee` that died, a hung-up terminal), the run stops printing and goes on, its
+        metrics in its run directory, rather than die without its last checkpoint."""
+        try:
+            yield
+        except OSError as e:
+            self.enabled, self._bar = False, None
+            if self.stream is sys.stdout:  # nothing left to flush into the closed pipe at exit
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            with contextlib.suppress(OSError, ValueError):
+                print(f"megabatch: warning: the output is gone ({e.strerror or e}): the run goes on without "
+                      f"printing; its run directory has its metrics and checkpoints", file=sys.stderr, flush=True)
+
+    def _advance(self, epoch: int, step: int, loss: float, images_per_s: float) -> None:
         done = epoch * self.steps_per_epoch + step
         desc = f"epoch {epoch + 1}/{self.epochs} step {step}/{self.steps_per_epoch}"
         postfix = f"loss {loss:.4f}, {images_per_s:,.0f} img/s"
