@@ -11,7 +11,6 @@ diverged run); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megabatch import __version__, eval_command, noise_command, schedule_command
@@ -93,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, BrokenPipeError) and not args.debug and _stdout_gone():
             # The reader left (`megabatch schedule ... | head`): no traceback, and the status
             # of a writer that lost its pipe (128 + SIGPIPE), since the command did not finish.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            from megabatch.progress import discard_stdout
+
+            discard_stdout()
             return 141
         # Under several processes a crash is one line naming the rank (torchrun then
         # stops the others); alone, the traceback is the most useful report.

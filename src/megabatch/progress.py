@@ -37,6 +37,18 @@ def draws_bar(stream: TextIO, env: Mapping[str, str]) -> bool:
     return is_terminal and "OMPI_COMM_WORLD_SIZE" not in env
 
 
+def discard_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null, once its reader has left: what is still
+    buffered, and the interpreter's last flush at exit, then go nowhere instead of raising
+    a second broken pipe."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+
+
 class Progress:
     def __init__(self, epochs: int, steps_per_epoch: int, enabled: bool = True,
                  stream: TextIO | None = None, interactive: bool | None = None,
@@ -73,9 +85,8 @@ class Progress:
             yield
         except OSError as e:
             self.enabled, self._bar = False, None
-            if self.stream is sys.stdout:  # nothing left to flush into the closed pipe at exit
-                with contextlib.suppress(OSError, ValueError):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            if self.stream is sys.stdout:
+                discard_stdout()
             with contextlib.suppress(OSError, ValueError):
                 print(f"megabatch: warning: the output is gone ({e.strerror or e}): the run goes on without "
                       f"printing; its run directory has its metrics and checkpoints", file=sys.stderr, flush=True)
