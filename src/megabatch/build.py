@@ -34,7 +34,7 @@ from megabatch.nn import convert_to_ghost_bn, set_bn_mode
 from megabatch.noise import NoiseScale
 from megabatch.optim import LARS, RMSpropWarmup, param_groups
 from megabatch.progress import Progress
-from megabatch.recipe import Recipe, to_toml
+from megabatch.recipe import Recipe, compile_label, to_toml
 from megabatch.run import Run
 from megabatch.signals import stop_on_signals
 
@@ -351,11 +351,12 @@ def describe(run: Run) -> str:
     if r.optimizer.name == "rmsprop_warmup":
         lines.append(f"  RMSprop warm-up: rmsprop_lr {r.optimizer.rmsprop_lr:g}, alpha_sgd center "
                      f"{e.alpha_center:.3g} period {e.alpha_period:.3g} epochs")
+    compiled = compile_label(r.train.compile, r.train.compile_mode)
     lines.append(f"  optimizer {r.optimizer.name}, momentum {r.optimizer.momentum:g}, weight decay "
                  f"{r.optimizer.weight_decay:g}{' (not on BN/bias)' if r.optimizer.no_decay_bn_bias else ''}; "
                  f"bn {r.model.bn}; model {r.model.arch}; {r.train.precision} compute, "
                  f"{'channels-last' if run.layout == torch.channels_last else 'contiguous'}"
-                 f"{compiled(r.train)}; gradients all-reduced in {r.train.comm_dtype}")
+                 f"{', ' + compiled if compiled else ''}; gradients all-reduced in {r.train.comm_dtype}")
     held = (f" ({len(run.validation_data)} more held out for validation)"
             if run.validation_data is not None else "")
     lines.append(f"  {len(run.train_data)} training images{held}, {steps} steps/epoch, {r.train.epochs} epochs "
@@ -366,13 +367,6 @@ def describe(run: Run) -> str:
                      f"{p.micro_batch} images per step" if p.micro_batches > 1 else "  gradient noise scale: NOT measured: a step has a single micro-batch "
                      "per process (set batch.micro_batch to a part of the process's share of the batch)")
     return "\n".join(lines)
-
-
-def compiled(t) -> str:
-    """", compiled" (and its mode, where it is not the default) for a summary line."""
-    if not t.compile:
-        return ""
-    return ", compiled" + (f" ({t.compile_mode})" if t.compile_mode != "default" else "")
 
 
 def _count(n: int, noun: str) -> str:

@@ -30,6 +30,13 @@ CommDtype = Literal["fp32", "fp16", "bf16"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
 
 
+def compile_label(compile: bool, mode: str) -> str:
+    """"compiled", with torch.compile's mode where it is not the default; "" for eager."""
+    if not compile:
+        return ""
+    return "compiled" + (f" ({mode})" if mode != "default" else "")
+
+
 @dataclass
 class ModelConfig:
     arch: Arch = "small-cnn"

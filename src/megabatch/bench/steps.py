@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from megabatch.bench import profiling
 from megabatch.bench.timing import measure, released
+from megabatch.recipe import compile_label
 
 if TYPE_CHECKING:
     from megabatch.bench.settings import Settings
@@ -34,9 +35,7 @@ class Config:
 
     @property
     def compiled(self) -> str:
-        if not self.compile:
-            return "eager"
-        return "compiled" + (f" ({self.compile_mode})" if self.compile_mode != "default" else "")
+        return compile_label(self.compile, self.compile_mode) or "eager"
 
 
 
