@@ -228,20 +228,20 @@ class ImageFolderSource:
         """Decode a micro-batch at once; if that fails, image by image, replacing any
         file that does not decode as the ``"pil"`` decoder does: by the next readable
         image of the data set, with its own label (and counting the bad file)."""
-        with decoders():
-            try:
+        try:
+            with decoders():
                 return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
                                                   device=device), labels
-            except RuntimeError:  # a PNG, a CMYK JPEG or a damaged file in the batch
-                pass
-            decoded, labels = [], labels.clone()
-            for i, (d, item) in enumerate(zip(data, items)):
-                image = decode_jpeg_on(d, device) if device.type != "cpu" else None
-                if image is None:  # the device's decoder refused it: the CPU's decodes any format
-                    image = decode_rgb(d)
-                if image is None:
-                    image, labels[i] = self._next_decodable(item.index)
-                decoded.append(image.to(device))
+        except RuntimeError:  # a PNG, a CMYK JPEG or a damaged file in the batch
+            pass
+        decoded, labels = [], labels.clone()
+        for i, (d, item) in enumerate(zip(data, items)):
+            image = decode_jpeg_on(d, device) if device.type != "cpu" else None
+            if image is None:  # the device's decoder refused it: the CPU's decodes any format
+                image = decode_rgb(d)
+            if image is None:
+                image, labels[i] = self._next_decodable(item.index)
+            decoded.append(image.to(device))
         return decoded, labels
 
     def _next_decodable(self, index: int) -> tuple[torch.Tensor, int]:
