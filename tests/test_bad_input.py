@@ -64,9 +64,11 @@ ROWS = [
     (["noise-scale", "--recipe", "fashion-mnist-demo", "--set", "batch.micro_batch=2048"], 2,
      "holds a single micro-batch"),
     (["schedule", "--recipe", "fashion-mnist-demo", "--epochs", "1,x"], 2, "comma-separated numbers"),
+    (["schedule", "--recipe", "fashion-mnist-demo", "--epochs", "5,-1"], 2, "numbers of at least 0, e.g. 0,5,10.5"),
     (["train", "--resume", "/nonexistent-run"], 2, "is not a run directory"),
     (["train", "--resume", "{tmp}"], 2, "holds no complete checkpoint to resume from"),
     (["study", "--spec", "fashion-mnist-paper-budget", "--seeds", "0,x"], 2, "--seeds '0,x' must be comma-separated"),
+    (["study", "--spec", "fashion-mnist-paper-budget", "--batches", ","], 2, "--batches ',' must be comma-separated whole"),
 ]
 
 

@@ -319,7 +319,8 @@ def test_plot_is_written(tmp_path, capsys):
     (["--step-cv", "-0.1"], "zero or more"),
     (["--collective-overhead-us", "-1"], "zero or more"),
     (["--epoch-boundary", "sometimes"], "unknown --epoch-boundary"),
-    (["--sweep-gpus", "1,x"], "--sweep-gpus"),
+    (["--sweep-gpus", "1,x"], "--sweep-gpus '1,x' must be comma-separated whole numbers"),
+    (["--sweep-gpus", "8,0"], "whole numbers of at least 1, e.g. 1,8,64,512,1024"),
     (["--dataset-size", "1000", "--epoch-boundary", "drop"], "global batch"),
 ])
 def test_nonsense_is_a_user_error(argv, message):

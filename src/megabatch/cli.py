@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megabatch import __version__, eval_command, noise_command, schedule_command
+from megabatch import __version__, eval_command, flags, noise_command, schedule_command
 from megabatch.bench import command as bench_command
 from megabatch.errors import UserError
 from megabatch.simulate import command as simulate_command
@@ -55,9 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model with a recipe (also under torchrun, srun, mpirun)")
-    p.add_argument("--recipe", help="built-in recipe name or a .toml file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set batch.global_batch=4096 (repeatable)")
+    flags.add_recipe(p, required=False)  # --resume reads the run's own
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its newest complete checkpoint, mid-epoch included")
     p.add_argument("--data", help="folder with the data set (default: the recipe's, e.g. "

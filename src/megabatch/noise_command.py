@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
+from megabatch import flags
 from megabatch.errors import UserError
 
 BATCHES = (128, 512, 2048, 8192, 32768)
@@ -22,8 +23,7 @@ BATCHES = (128, 512, 2048, 8192, 32768)
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--recipe", required=True, help="built-in recipe name or a .toml file")
-    add("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
+    flags.add_recipe(parser)
     add("--checkpoint", help="measure at these weights (a file megabatch train wrote); default: initialization")
     add("--steps", type=int, default=20, help="batches to average over (default 20)")
     add("--data", help="folder with the data set (default: the recipe's)")

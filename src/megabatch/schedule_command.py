@@ -8,24 +8,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from megabatch import flags
 from megabatch.errors import UserError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--recipe", required=True, help="built-in recipe name or a .toml file")
-    add("--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set batch.global_batch=4096 (repeatable)")
+    flags.add_recipe(parser)
     add("--epochs", help="comma-separated epochs, e.g. 0,5,10.5")
     add("--every", type=float, default=1.0, help="sample every K epochs (default 1)")
     add("--plot", metavar="FILE.png", help="also draw lr and alpha_sgd against epochs")
-
-
-def parse_epochs(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--epochs {text!r} must be comma-separated numbers, e.g. 0,5,10.5") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
               f"{[round(b, 4) for b in settings.boundaries]}, alpha_sgd center "
               f"{settings.alpha_center:.4g} period {settings.alpha_period:.4g}", file=sys.stderr)
     if args.epochs is not None:
-        epochs = parse_epochs(args.epochs)
+        epochs = flags.numbers(args.epochs, "--epochs", float, "0,5,10.5", least=0)
     else:
         if args.every <= 0:
             raise UserError(f"--every must be > 0, got {args.every}")

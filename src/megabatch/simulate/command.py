@@ -14,6 +14,7 @@ import argparse
 import json
 from dataclasses import asdict
 
+from megabatch import flags
 from megabatch.errors import UserError
 from megabatch.simulate import fit, hardware, perfmodel, report
 from megabatch.simulate.bench_file import read_bench
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sources:
         print(json.dumps(sources, indent=2) if args.json else report.sources_table(inputs, sources))
         return 0
-    counts = _gpu_counts(args.sweep_gpus) if args.sweep_gpus else [inputs.gpus]
+    counts = flags.numbers(args.sweep_gpus, "--sweep-gpus", int, "1,8,64,512,1024", least=1) if args.sweep_gpus else [inputs.gpus]
     for gpus in counts:
         _check_split(gpus, inputs)
     try:
@@ -214,13 +215,3 @@ def _check_split(gpus: int, inputs: Inputs) -> None:
     if inputs.allreduce != "ring" and gpus > per_node and gpus % per_node:
         raise UserError(f"{inputs.allreduce} all-reduce needs whole nodes: {gpus} GPUs is not a "
                         f"multiple of --gpus-per-node {per_node}; change either, or use ring")
-
-
-def _gpu_counts(text: str) -> list[int]:
-    try:
-        counts = [int(part) for part in text.split(",")]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise UserError(f"--sweep-gpus {text!r}: give positive whole numbers, e.g. 1,8,64,512,1024")
-    return counts

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from megabatch.errors import UserError
+from megabatch import flags
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from megabatch.study.runner import read_result, run_study, unfinished
     from megabatch.study.spec import load_spec
 
-    batches, seeds = _integers(args.batches, "--batches"), _integers(args.seeds, "--seeds")
+    batches = flags.numbers(args.batches, "--batches", int, "2048,8192") if args.batches else None
+    seeds = flags.numbers(args.seeds, "--seeds", int, "0,1,2") if args.seeds else None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     spec = load_spec(args.spec, epochs=args.epochs, batches=batches, seeds=seeds, extra_set=args.set,
                      methods=methods)
@@ -74,12 +75,3 @@ def run(args: argparse.Namespace) -> int:
     if stopped is not None:
         raise stopped
     return 0
-
-
-def _integers(text: str | None, flag: str) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text!r} must be comma-separated integers") from None
