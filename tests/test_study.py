@@ -130,6 +130,7 @@ def test_builtin_spec_covers_the_methods_and_batches():
 def test_builtin_tuned_spec_tunes_every_main_method_on_held_out_images():
     spec = load_spec("fashion-mnist-paper-budget-tuned")
     assert spec.tuning and "data.validation_images=6000" in spec.set and len(spec.runs()) == 27
+    assert spec.confirm_seeds == (1, 2) and spec.total() == 27 + 9 * 2
     cells = {(r.method.name, r.batch) for r in spec.runs()}
     assert cells == {("baseline", 128)} | {(m, b) for m in ("linear", "goyal", "lars", "paper") for b in (2048, 8192)}
     assert {r.lr_factor for r in spec.runs()} == {0.5, 1.0, 2.0}
@@ -311,3 +312,95 @@ def test_a_tuned_study_end_to_end(tmp_path, fashion_dir):
            for key in ("b256-s0", "b256-s0-lr2")]
     assert lrs[1] == pytest.approx(2 * lrs[0])
     assert "**" in (out / "report.md").read_text()  # paper's cell has chosen its factor
+
+
+CONFIRMED = TUNED.replace("seeds = [0]\n", "seeds = [0]\nconfirm_seeds = [1, 2]\n")
+
+
+def test_confirm_seeds_rerun_the_chosen_factor_largest_batches_first(tmp_path):
+    path = tmp_path / "confirmed.toml"
+    path.write_text(CONFIRMED.replace("batches = [256]", "batches = [256, 512]"))
+    spec = load_spec(str(path))
+    assert len(spec.runs()) == 10 and spec.total() == 10 + 4 * 2  # 4 cells, each 2 more seeds
+    assert spec.planned()["linear", 512] == 3
+    confirm = spec.confirmations({("linear", 256): 0.5, ("linear", 512): 1.0, ("paper", 512): 2.0})
+    assert [r.key for r in confirm] == ["linear/b512-s1", "paper/b512-s1-lr2", "linear/b512-s2", "paper/b512-s2-lr2",
+                                        "linear/b256-s1-lr0.5", "linear/b256-s2-lr0.5"]
+    assert len(spec.candidates()) == 10 + 2 * (3 + 3 + 2 + 2)  # every factor a cell could choose
+    only = load_spec(str(path), seeds=[2])  # a reduction to a confirmation seed alone
+    assert only.runs() == [] and [r.key for r in only.confirmations({("linear", 256): 1.0})] == ["linear/b256-s2"]
+    assert only.total() == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (("lr_factors = [0.5, 1.0, 2.0]\n", ""), "confirm_seeds rerun the learning-rate factor that tuning chose, but "
+                                             "the spec tunes nothing"),
+    (("confirm_seeds = [1, 2]", "confirm_seeds = [2, 0]"), "seed 0 is both a tuning seed and in confirm_seeds"),
+    (("confirm_seeds = [1, 2]", "confirm_seeds = [-1]"), r"confirm_seeds\[0\] must be >= 0, got -1"),
+])
+def test_confirm_seeds_errors_are_one_line(tmp_path, change, message):
+    path = tmp_path / "confirmed.toml"
+    text = CONFIRMED.replace(*change)
+    path.write_text(text.replace("lr_factors = [1.0, 2.0]\n", "") if "tunes nothing" in message else text)
+    with pytest.raises(UserError, match=message):
+        load_spec(str(path))
+
+
+def test_tuning_seeds_choose_and_the_chosen_factors_seeds_report_together(tmp_path):
+    from megabatch.study.report import tuned, write_markdown
+
+    path = tmp_path / "confirmed.toml"
+    path.write_text(CONFIRMED)
+    spec = load_spec(str(path))
+
+    def row(method, factor, seed, val, test):
+        return {"method": method, "batch": 256, "seed": seed, "lr_factor": factor, "final_val_top1": val,
+                "final_top1": test}
+
+    tuning = [row("linear", 0.5, 0, 80.0, 85.0), row("linear", 1.0, 0, 82.0, 81.0), row("linear", 2.0, 0, 70.0, 70.0),
+              row("paper", 1.0, 0, 75.0, 76.0), row("paper", 2.0, 0, 79.0, 78.0)]
+    # Confirmations of x1 that validate badly do not revise linear's choice.
+    confirmed = [row("linear", 1.0, 1, 60.0, 83.0), row("linear", 1.0, 2, 61.0, 82.0), row("paper", 2.0, 1, 1.0, 80.0)]
+    rows, chosen = tuned(spec, tuning + confirmed)
+    assert chosen == {("linear", 256): 1.0, ("paper", 256): 2.0}
+    assert rows == [tuning[1], *confirmed[:2], tuning[4], confirmed[2]]
+    write_markdown(spec, tuning + confirmed, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert "| linear | 82.00 ± 1.00 (3, lr x1) |" in report and "| paper | 79.00 ± 1.41 (2 of 3, lr x2) |" in report
+    assert "confirmation seeds 1, 2 included" in report and "Partial: 1 of the 9 planned runs" in report
+    # The tuning table shows what chose: seed 0 alone.
+    assert "| linear | 256 | 80.00 / 85.00 | **82.00 / 81.00** | 70.00 / 70.00 |" in report
+    assert "| paper | 256 |  | 75.00 / 76.00 | **79.00 / 78.00** |" in report
+
+
+def test_a_cell_chooses_once_all_its_tuning_seeds_have_finished(tmp_path):
+    from megabatch.study.tuning import tuned
+
+    path = tmp_path / "two-seeds.toml"
+    path.write_text(TUNED.replace("seeds = [0]", "seeds = [0, 1]").replace("[0.5, 1.0, 2.0]", "[1.0, 2.0]"))
+    spec = load_spec(str(path))
+    rows = [{"method": "linear", "batch": 256, "seed": s, "lr_factor": f, "final_val_top1": 80.0 + f,
+             "final_top1": 80.0} for s, f in ((0, 1.0), (0, 2.0), (1, 1.0))]
+    assert tuned(spec, rows)[1] == {}  # seed 1 at x2 could still change the choice
+    assert tuned(spec, rows + [{**rows[1], "seed": 1}])[1] == {("linear", 256): 2.0}
+
+
+def test_a_study_with_confirm_seeds_end_to_end(tmp_path, fashion_dir, capsys):
+    """The tuning runs choose, then the chosen factor runs at the confirmation seed in the
+    same invocation; a second invocation finds everything done."""
+    path = tmp_path / "confirmed.toml"
+    path.write_text(CONFIRMED.replace("confirm_seeds = [1, 2]", "confirm_seeds = [1]"))
+    out = tmp_path / "study"
+    argv = ["study", "--spec", str(path), "--out", str(out), "--methods", "paper", "--parallel", "2",
+            "--data", str(fashion_dir)]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    chosen = next(float(r["lr_factor"]) for r in rows if r["seed"] == "1")
+    assert sorted((r["seed"], r["lr_factor"]) for r in rows) == [("0", "1.0"), ("0", "2.0"), ("1", str(chosen))]
+    report = (out / "report.md").read_text()
+    assert f"(2, lr x{chosen:g}) |" in report  # paper's cell: its seeds 0 and 1 at the chosen factor
+    info = json.loads((out / "study.json").read_text())  # the whole grid's plan, and this invocation's
+    assert info["runs"] == 3 + 2 + 2 * 1 and info["this_invocation"]["runs"] == 2 + 1
+    assert "[3/3] paper/b256-s1" in capsys.readouterr().out  # the confirmation, in the same invocation
+    assert main(argv) == 0
+    assert "3 runs (3 already done" in capsys.readouterr().out

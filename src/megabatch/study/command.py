@@ -53,15 +53,15 @@ def run(args: argparse.Namespace) -> int:
         (out / "study.json").write_text(json.dumps(
             {**provenance.collect(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
              "spec": args.spec, "epochs": grid.epochs, "batches": list(grid.batches),
-             "runs": len(grid.runs())}
-            | ({"this_invocation": {"methods": methods, "seeds": seeds, "runs": len(spec.runs())}}
+             "runs": grid.total()}
+            | ({"this_invocation": {"methods": methods, "seeds": seeds, "runs": spec.total()}}
                if methods or seeds else {}), indent=2) + "\n")
         try:
             run_study(spec, out, args.data, args.parallel)
         except Preempted as e:  # the report of what finished is still written
             stopped = e
     # The report reads the runs from disk: the same after a full study, a stopped one, or --report.
-    results = [r for r in (read_result(out, run) for run in grid.runs()) if r is not None]
+    results = [r for r in (read_result(out, run) for run in grid.candidates()) if r is not None]
     note = "\n".join(f"- in progress: {line}" for line in unfinished(grid, out))
     write_csv(results, out / "results.csv")
     if args.epochs or batches or args.set:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from megabatch.study.spec import StudySpec
+from megabatch.study.tuning import factor_of, mean_spread, tuned
 
 COLUMNS = ["method", "recipe", "batch", "workers", "seed", "lr_factor", "epochs", "steps", "final_top1", "best_top1",
            "diverged", "wall_time_s", "images_per_s", "final_val_top1", "final_train_loss", "loss_spikes"]
@@ -45,44 +45,18 @@ def cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, int], list[float
     return grouped
 
 
-def factor_of(row: dict[str, Any]) -> float:
-    return row.get("lr_factor", 1.0)  # results written before tuning existed ran at 1.0
-
-
-def tuned(spec: StudySpec, results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[tuple[str, int], float]]:
-    """(the rows that stand for each cell, the learning-rate factor chosen per cell). Without
-    tuning, every row. With it, per (method, batch), the rows of the factor whose mean
-    validation top-1 over its finished seeds is best (a diverged factor loses; a tie goes to
-    the recipe's own rate), chosen once every factor the cell plans has a finished run, so
-    that a choice is never revised."""
-    if not spec.tuning:
-        return list(results), {}
-    by_factor: dict[tuple[str, int], dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        by_factor[r["method"], r["batch"]][factor_of(r)].append(r)
-    rows, chosen = [], {}
-    for method in spec.methods:
-        for (name, batch), runs in by_factor.items():
-            if name != method.name or set(runs) != set(spec.factors(method)):
-                continue
-
-            def score(factor: float) -> tuple[float, bool]:  # a tie goes to the recipe's own rate
-                mean, _ = mean_spread([r["final_val_top1"] for r in runs[factor]])
-                return -math.inf if math.isnan(mean) else mean, factor == 1.0
-
-            chosen[name, batch] = max(runs, key=score)
-            rows += runs[chosen[name, batch]]
-    return rows, chosen
-
-
 def tuning_lines(spec: StudySpec, results: Sequence[dict[str, Any]], chosen: dict[tuple[str, int], float]) -> list[str]:
-    """A table of every cell at every factor: validation / test top-1 (mean over seeds)."""
+    """A table of every cell at every factor: validation / test top-1 (mean over the tuning
+    seeds, which chose; the confirmation seeds are in the cells' own row)."""
     factors = sorted({f for m in spec.methods for f in spec.factors(m)})
     grouped: dict[tuple[str, int, float], list[dict[str, Any]]] = defaultdict(list)
     for r in results:
-        grouped[r["method"], r["batch"], factor_of(r)].append(r)
+        if r["seed"] not in spec.confirm_seeds:
+            grouped[r["method"], r["batch"], factor_of(r)].append(r)
+    seeds = ("the finished tuning seeds, which chose; the confirmation seeds are in the first table"
+             if spec.confirm_seeds else "finished seeds")
     lines = ["", "Learning-rate tuning: validation / test top-1 (%) at each multiple of the recipe's "
-             "lr_per_256 (mean over finished seeds); the chosen factor, by validation, in bold.", "",
+             f"lr_per_256 (mean over {seeds}); the chosen factor, by validation, in bold.", "",
              "| method | batch | " + " | ".join(f"x{f:g}" for f in factors) + " |",
              "| --- | --- |" + " --- |" * len(factors)]
     for method, batch in spec.planned():
@@ -100,12 +74,6 @@ def tuning_lines(spec: StudySpec, results: Sequence[dict[str, Any]], chosen: dic
                 cells_.append(f"**{text}**" if chosen.get((method, batch)) == f else text)
         lines.append(f"| {method} | {batch:,} | " + " | ".join(cells_) + " |")
     return lines
-
-
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    if not values or any(math.isnan(v) for v in values):
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def largest_keeping_up(spec: StudySpec, results: Sequence[dict[str, Any]],
@@ -168,10 +136,12 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
     baseline, _ = mean_spread(base_values)
     planned = spec.planned()
     batches = sorted({b for _, b in planned} | set(batches))
-    total = len(spec.runs())
+    total = spec.total()
     missing = total - len(every)
     chosen_note = (" Each cell at the learning-rate factor its validation top-1 chose (lr xF), with the "
-                   "test top-1 of that factor's runs." if spec.tuning else "")
+                   "test top-1 of that factor's runs" + (
+                       f", confirmation seeds {', '.join(map(str, spec.confirm_seeds))} included (they run "
+                       "once the cell has chosen)." if spec.confirm_seeds else ".") if spec.tuning else "")
     lines = [f"# Study {spec.name}", "", spec.description, "",
              f"{len(every)} runs, {spec.epochs} epochs each. Final test top-1 (%), mean ± standard "
              f"deviation over seeds (n); \"diverged\" = the loss became NaN or infinite.{chosen_note}", ""]

@@ -4,7 +4,8 @@ Each run writes to ``OUT/runs/<method>/b<batch>-s<seed>/`` and is finished when
 its ``result.json`` exists, so an interrupted study continues where it stopped: an
 unfinished run resumes from its newest checkpoint (``megabatch train --resume``).
 The first seed of every cell runs before any second seed, so a study cut short
-still covers every cell. ``--parallel N`` runs N at once (several small models share one GPU well; on a
+still covers every cell; a tuned cell's confirmation seeds start as soon as it has
+chosen its learning-rate factor. ``--parallel N`` runs N at once (several small models share one GPU well; on a
 CPU each gets cores / N threads). A diverged run is a result (the method failed
 at that batch), not an error. Any other failure stops the study, and so does a
 stop signal (SIGTERM, SIGUSR1): no new run starts, the runs in progress receive
@@ -22,13 +23,14 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
 from megabatch.errors import Preempted, UserError
 from megabatch.signals import stop_on_signals
 from megabatch.study.spec import Run, StudySpec
+from megabatch.study.tuning import tuned
 
 
 def run_dir(out: Path, run: Run) -> Path:
@@ -89,7 +91,7 @@ def first_seeds_first(grid: list[Run]) -> list[Run]:
 def unfinished(spec: StudySpec, out: Path) -> list[str]:
     """Where each started but unfinished run stands: "<key> at epoch E of N (top-1 T%)"."""
     lines = []
-    for run in spec.runs():
+    for run in spec.candidates():
         metrics = run_dir(out, run) / "metrics.jsonl"
         if read_result(out, run) is None and metrics.is_file() and metrics.read_text().strip():
             last = json.loads(metrics.read_text().strip().splitlines()[-1])
@@ -178,18 +180,27 @@ def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads:
     return result
 
 
+def confirmations(spec: StudySpec, out: Path) -> list[Run]:
+    """The confirmation runs of every cell that has chosen its factor, from the results on disk."""
+    if not spec.confirm_seeds:
+        return []
+    results = [r for r in (read_result(out, run) for run in spec.whole().runs()) if r is not None]
+    return spec.confirmations(tuned(spec, results)[1])
+
+
 def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel: int = 1,
               log: Callable[[str], None] = print) -> None:
-    """Run every unfinished cell of the grid; each finished run's ``result.json`` is
-    its result (the report reads them from disk, with :func:`read_result`)."""
+    """Run every unfinished run of the study, the grid's and then, cell by cell as each
+    chooses, its confirmations'; each finished run's ``result.json`` is its result (the
+    report reads them from disk, with :func:`read_result`)."""
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
-    grid = spec.runs()
-    todo = [run for run in first_seeds_first(grid) if read_result(out, run) is None]
-    log(f"study {spec.name}: {len(grid)} runs ({len(grid) - len(todo)} already done in {out}), "
+    total, known = spec.total(), first_seeds_first(spec.runs()) + confirmations(spec, out)
+    todo = [run for run in known if read_result(out, run) is None]
+    done = len(known) - len(todo)
+    log(f"study {spec.name}: {total} runs ({done} already done in {out}), "
         f"{spec.epochs} epochs each, {parallel} at a time")
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    done = len(grid) - len(todo)
 
     runs = Runs()
 
@@ -205,14 +216,24 @@ def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel:
             return
         done += 1
         state = "diverged" if result["diverged"] else f"top-1 {result['final_top1']:.2f}%"
-        log(f"[{done}/{len(grid)}] {run.key}: {state}, {result['steps']} steps, {result['wall_time_s']:.0f} s")
+        log(f"[{done}/{total}] {run.key}: {state}, {result['steps']} steps, {result['wall_time_s']:.0f} s")
 
     with stop_on_signals(lambda number: runs.stop()), ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [pool.submit(one, run) for run in todo]
-        errors = [f.exception() for f in futures]
-    failed = [e for e in errors if e is not None]
+        started = set(todo)
+        pending: set[Future] = {pool.submit(one, run) for run in todo}
+        failed: list[BaseException] = []
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            failed += [e for e in (f.exception() for f in finished) if e is not None]
+            if failed or runs.stopped:
+                continue
+            # A cell that has just chosen its factor: its confirmation seeds can start.
+            for run in confirmations(spec, out):
+                if run not in started and read_result(out, run) is None:
+                    started.add(run)
+                    pending.add(pool.submit(one, run))
     if failed:
         raise failed[0]
     if runs.stopped:
-        raise Preempted(f"study stopped with {done} of {len(grid)} runs finished; the runs in "
+        raise Preempted(f"study stopped with {done} of {total} runs finished; the runs in "
                         "progress checkpointed: run the same command again to continue")

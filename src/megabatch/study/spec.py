@@ -25,8 +25,14 @@ Tuning (Shallue et al. 2019: a tuning budget decides such comparisons)::
     set = ["data.validation_images=6000"]  # chosen on held-out training images
 
 Each cell then reports the test top-1 of the factor whose validation top-1 is best
-(:func:`megabatch.study.report.tuned`); a method may give its own ``lr_factors``.
+(:func:`megabatch.study.tuning.tuned`); a method may give its own ``lr_factors``.
 Tuning without ``data.validation_images`` is refused: it would tune on the test set.
+One seed chooses; more seeds then say how far the chosen factor's result is luck::
+
+    confirm_seeds = [1, 2]  # once a cell has chosen, its factor runs again at these seeds
+
+The cell's test top-1 is then the mean over all its seeds at that factor. The choice
+stays that of the tuning seeds alone, so it is made once and never revised.
 """
 
 from __future__ import annotations
@@ -87,22 +93,46 @@ class StudySpec:
     only_seeds: tuple[int, ...] = derived(())  # a reduced grid: just these seeds of each cell
     only_methods: tuple[str, ...] = derived(())  # a reduced grid: just these methods
     lr_factors: tuple[PositiveFloat, ...] = (1.0,)  # multiples of each recipe's lr_per_256 (tuning)
+    confirm_seeds: tuple[Count, ...] = ()  # with tuning: seeds that rerun each cell's chosen factor
+
+    def cells(self) -> list[tuple[Method, int]]:
+        """Every (method, batch) of the grid, in the spec's order."""
+        return [(method, batch) for method in self.methods
+                if not self.only_methods or method.name in self.only_methods
+                for batch in ((max(self.batches),) if method.largest_only else method.batches or self.batches)]
 
     def runs(self) -> list[Run]:
-        """The grid: every method at its batches, every seed (extra seeds at large batches)."""
+        """The grid: every method at its batches, every seed (extra seeds at large batches) and
+        learning-rate factor; with tuning, the runs that choose (confirmations come after)."""
         grid = []
-        for method in self.methods:
-            if self.only_methods and method.name not in self.only_methods:
-                continue
-            batches = method.batches or self.batches
-            if method.largest_only:
-                batches = (max(self.batches),)
-            for batch in batches:
-                seeds = method.seeds or self.seeds + (self.extra_seeds if batch >= self.extra_seeds_from else ())
-                grid += [Run(method, batch, seed, factor) for seed in dict.fromkeys(seeds)
-                         if not self.only_seeds or seed in self.only_seeds
-                         for factor in self.factors(method)]
+        for method, batch in self.cells():
+            seeds = method.seeds or self.seeds + (self.extra_seeds if batch >= self.extra_seeds_from else ())
+            grid += [Run(method, batch, seed, factor) for seed in dict.fromkeys(seeds)
+                     if not self.only_seeds or seed in self.only_seeds
+                     for factor in self.factors(method)]
         return grid
+
+    def confirming_seeds(self) -> tuple[int, ...]:
+        return tuple(s for s in self.confirm_seeds if not self.only_seeds or s in self.only_seeds)
+
+    def confirmations(self, chosen: dict[tuple[str, int], float]) -> list[Run]:
+        """The confirmation runs of the cells that have chosen their factor (``chosen``): the
+        largest batches first, where the methods part ways and one run says least, and there
+        every cell's first confirmation seed before any second."""
+        seeds = self.confirming_seeds()
+        runs = [Run(method, batch, seed, chosen[method.name, batch]) for method, batch in self.cells()
+                if (method.name, batch) in chosen for seed in seeds]
+        return sorted(runs, key=lambda run: (-run.batch, seeds.index(run.seed)))
+
+    def candidates(self) -> list[Run]:
+        """Every run that may have a result: the grid's, and each cell's confirmation seeds at
+        every factor it could choose."""
+        return self.runs() + [Run(method, batch, seed, factor) for method, batch in self.cells()
+                              for seed in self.confirming_seeds() for factor in self.factors(method)]
+
+    def total(self) -> int:
+        """How many runs the study plans: the grid's and the confirmations'."""
+        return len(self.runs()) + len(self.cells()) * len(self.confirming_seeds())
 
     def factors(self, method: Method) -> tuple[float, ...]:
         """The learning-rate factors ``method`` runs at."""
@@ -113,9 +143,10 @@ class StudySpec:
         return any(self.factors(m) != (1.0,) for m in self.methods)
 
     def planned(self) -> Counter[tuple[str, int]]:
-        """How many seeds the grid plans for each (method, batch) cell."""
+        """How many seeds the study plans for each (method, batch) cell, confirmations included."""
         return Counter((m, b) for m, b, _ in dict.fromkeys(
-            (run.method.name, run.batch, run.seed) for run in self.runs()))
+            [(run.method.name, run.batch, run.seed) for run in self.runs()]
+            + [(method.name, batch, seed) for method, batch in self.cells() for seed in self.confirming_seeds()]))
 
     def whole(self) -> StudySpec:
         """The grid that a reduction to some methods or seeds takes its runs from."""
@@ -167,21 +198,28 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
                                lr_factors=_distinct(method.lr_factors, f"methods.{name}.")))
     spec = replace(top, name=Path(name_or_path).stem, methods=tuple(chosen), batches=tuple(batches or top.batches),
                    epochs=epochs or top.epochs, set=shared, only_seeds=tuple(seeds or ()),
-                   only_methods=tuple(methods or ()), lr_factors=_distinct(top.lr_factors, "") or (1.0,))
+                   only_methods=tuple(methods or ()), lr_factors=_distinct(top.lr_factors, "") or (1.0,),
+                   confirm_seeds=tuple(dict.fromkeys(top.confirm_seeds)))
     if not spec.batches:
         raise UserError(f"study spec {name_or_path} needs batches = [...]")
     names = {m.name for m in spec.methods}
     if unknown := [m for m in spec.only_methods if m not in names]:
         raise UserError(f"--methods: {', '.join(unknown)} not in study spec {name_or_path}; "
                         f"its methods: {', '.join(names)}")
-    if spec.only_seeds and not spec.runs():
-        seeds_planned = sorted({run.seed for run in spec.whole().runs()})
+    if spec.confirm_seeds and not spec.tuning:
+        raise UserError(f"study spec {name_or_path}: confirm_seeds rerun the learning-rate factor that tuning "
+                        f"chose, but the spec tunes nothing: give lr_factors, or list the seeds in seeds")
+    if overlap := sorted({run.seed for run in spec.whole().runs()} & set(spec.confirm_seeds)):
+        raise UserError(f"study spec {name_or_path}: seed {overlap[0]} is both a tuning seed and in "
+                        f"confirm_seeds: a confirmation must be a seed that did not choose")
+    if spec.only_seeds and not spec.runs() and not spec.confirming_seeds():
+        seeds_planned = sorted({run.seed for run in spec.whole().runs()} | set(spec.confirm_seeds))
         raise UserError(f"--seeds {','.join(map(str, spec.only_seeds))}: no run of study spec {name_or_path} has "
                         f"these seeds; its seeds: {', '.join(map(str, seeds_planned))}")
     for method in spec.methods:
         if method.ablation_of and method.ablation_of not in names:
             raise UserError(f"method {method.name}: ablation_of = {method.ablation_of!r} is not a method")
-    for run in spec.runs():
+    for run in spec.candidates():
         recipe = recipes.load(run.method.recipe, spec.overrides(run))  # fail now, not hours in
         if spec.factors(run.method) != (1.0,) and not recipe.data.validation_images:
             raise UserError(f"study spec {name_or_path}: method {run.method.name} tunes lr_factors but holds "
