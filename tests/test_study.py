@@ -402,5 +402,9 @@ def test_a_study_with_confirm_seeds_end_to_end(tmp_path, fashion_dir, capsys):
     info = json.loads((out / "study.json").read_text())  # the whole grid's plan, and this invocation's
     assert info["runs"] == 3 + 2 + 2 * 1 and info["this_invocation"]["runs"] == 2 + 1
     assert "[3/3] paper/b256-s1" in capsys.readouterr().out  # the confirmation, in the same invocation
+    waiting = [*argv[:6], "linear", *argv[7:], "--seeds", "1"]  # linear has not tuned: nothing to confirm
+    assert main(waiting) == 0
+    assert "1 confirmation runs wait for their cells to choose a learning rate" in capsys.readouterr().out
+    assert not (out / "runs" / "linear").exists()
     assert main(argv) == 0
     assert "3 runs (3 already done" in capsys.readouterr().out

@@ -237,3 +237,6 @@ def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel:
     if runs.stopped:
         raise Preempted(f"study stopped with {done} of {total} runs finished; the runs in "
                         "progress checkpointed: run the same command again to continue")
+    if done < total:  # --seeds named confirmation seeds of cells whose tuning runs have not all finished
+        log(f"{total - done} confirmation runs wait for their cells to choose a learning rate: "
+            f"run the tuning seeds first (without --seeds, or with {', '.join(map(str, spec.seeds))})")
