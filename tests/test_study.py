@@ -371,6 +371,8 @@ def test_tuning_seeds_choose_and_the_chosen_factors_seeds_report_together(tmp_pa
     # The tuning table shows what chose: seed 0 alone.
     assert "| linear | 256 | 80.00 / 85.00 | **82.00 / 81.00** | 70.00 / 70.00 |" in report
     assert "| paper | 256 |  | 75.00 / 76.00 | **79.00 / 78.00** |" in report
+    # linear chose inside its factors; paper's x2 is the largest it tried.
+    assert "Chosen at the edge of the factors tried, so a rate beyond it might do better: paper at 256 (x2)." in report
 
 
 def test_a_cell_chooses_once_all_its_tuning_seeds_have_finished(tmp_path):

@@ -73,6 +73,14 @@ def tuning_lines(spec: StudySpec, results: Sequence[dict[str, Any]], chosen: dic
                 text = "diverged" if math.isnan(test) else f"{val:.2f} / {test:.2f}"
                 cells_.append(f"**{text}**" if chosen.get((method, batch)) == f else text)
         lines.append(f"| {method} | {batch:,} | " + " | ".join(cells_) + " |")
+    edges = []  # a best value at the edge of the search says the search was too narrow there
+    for (method, batch), factor in sorted(chosen.items(), key=lambda cell: list(spec.planned()).index(cell[0])):
+        tried = spec.factors(next(m for m in spec.methods if m.name == method))
+        if len(tried) > 1 and factor in (min(tried), max(tried)):
+            edges.append(f"{method} at {batch:,} (x{factor:g})")
+    if edges:
+        lines += ["", "Chosen at the edge of the factors tried, so a rate beyond it might do better: "
+                  + ", ".join(edges) + "."]
     return lines
 
 
