@@ -130,7 +130,7 @@ def test_builtin_spec_covers_the_methods_and_batches():
 def test_builtin_tuned_spec_tunes_every_main_method_on_held_out_images():
     spec = load_spec("fashion-mnist-paper-budget-tuned")
     assert spec.tuning and "data.validation_images=6000" in spec.set and len(spec.runs()) == 27
-    assert spec.confirm_seeds == (1, 2) and spec.total() == 27 + 9 * 2
+    assert spec.confirm_seeds == (1, 2) and spec.widen_edges == 2 and spec.total() == 27 + 9 * 2
     cells = {(r.method.name, r.batch) for r in spec.runs()}
     assert cells == {("baseline", 128)} | {(m, b) for m in ("linear", "goyal", "lars", "paper") for b in (2048, 8192)}
     assert {r.lr_factor for r in spec.runs()} == {0.5, 1.0, 2.0}
@@ -326,7 +326,8 @@ def test_confirm_seeds_rerun_the_chosen_factor_largest_batches_first(tmp_path):
     confirm = spec.confirmations({("linear", 256): 0.5, ("linear", 512): 1.0, ("paper", 512): 2.0})
     assert [r.key for r in confirm] == ["linear/b512-s1", "paper/b512-s1-lr2", "linear/b512-s2", "paper/b512-s2-lr2",
                                         "linear/b256-s1-lr0.5", "linear/b256-s2-lr0.5"]
-    assert len(spec.candidates()) == 10 + 2 * (3 + 3 + 2 + 2)  # every factor a cell could choose
+    assert [r.key for r in spec.widenings({("linear", 256): 4.0, ("paper", 512): 0.5})] == [
+        "paper/b512-s0-lr0.5", "linear/b256-s0-lr4"]
     only = load_spec(str(path), seeds=[2])  # a reduction to a confirmation seed alone
     assert only.runs() == [] and [r.key for r in only.confirmations({("linear", 256): 1.0})] == ["linear/b256-s2"]
     assert only.total() == 4
@@ -335,6 +336,9 @@ def test_confirm_seeds_rerun_the_chosen_factor_largest_batches_first(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (("lr_factors = [0.5, 1.0, 2.0]\n", ""), "confirm_seeds rerun the learning-rate factor that tuning chose, but "
                                              "the spec tunes nothing"),
+    (("confirm_seeds = [1, 2]\nlr_factors = [0.5, 1.0, 2.0]\n", "widen_edges = 1\n"),
+     "widen_edges tries learning-rate factors beyond the best of lr_factors, but the spec tunes nothing"),
+    (("confirm_seeds = [1, 2]", "widen_edges = -1"), "widen_edges must be >= 0, got -1"),
     (("confirm_seeds = [1, 2]", "confirm_seeds = [2, 0]"), "seed 0 is both a tuning seed and in confirm_seeds"),
     (("confirm_seeds = [1, 2]", "confirm_seeds = [-1]"), r"confirm_seeds\[0\] must be >= 0, got -1"),
 ])
@@ -406,7 +410,79 @@ def test_a_study_with_confirm_seeds_end_to_end(tmp_path, fashion_dir, capsys):
     assert "[3/3] paper/b256-s1" in capsys.readouterr().out  # the confirmation, in the same invocation
     waiting = [*argv[:6], "linear", *argv[7:], "--seeds", "1"]  # linear has not tuned: nothing to confirm
     assert main(waiting) == 0
-    assert "1 confirmation runs wait for their cells to choose a learning rate" in capsys.readouterr().out
+    assert "1 run waits for their cells' tuning runs to finish" in capsys.readouterr().out
     assert not (out / "runs" / "linear").exists()
     assert main(argv) == 0
     assert "3 runs (3 already done" in capsys.readouterr().out
+
+
+def test_beyond_an_edge_is_the_edges_ratio_to_its_neighbour_once_more():
+    from megabatch.study.tuning import beyond
+
+    assert beyond([0.5, 1.0, 2.0], 2.0) == 4.0 and beyond([1.0, 0.5, 2.0], 0.5) == 0.25
+    assert beyond([0.25, 0.5, 1.0, 2.0], 0.25) == 0.125 and beyond([1.0, 3.0], 3.0) == 9.0
+
+
+def test_a_best_factor_at_the_edge_is_widened_before_the_cell_chooses(tmp_path):
+    from megabatch.study.report import write_markdown
+    from megabatch.study.tuning import choices, planned_total
+
+    path = tmp_path / "widened.toml"
+    path.write_text(CONFIRMED.replace("confirm_seeds = [1, 2]", "confirm_seeds = [1]\nwiden_edges = 1"))
+    spec = load_spec(str(path))
+
+    def row(method, factor, val, seed=0):
+        return {"method": method, "batch": 256, "seed": seed, "lr_factor": factor, "final_val_top1": val,
+                "final_top1": val - 1}
+
+    tuning = [row("linear", 0.5, 80.0), row("linear", 1.0, 82.0), row("linear", 2.0, 84.0),
+              row("paper", 1.0, 75.0), row("paper", 2.0, 70.0)]
+    assert choices(spec, tuning) == ({}, {("linear", 256): 4.0, ("paper", 256): 0.5})
+    assert planned_total(spec, tuning) == 5 + 2 * 1 + 2  # the grid, the confirmations, the widenings
+    write_markdown(spec, tuning, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()  # the factors to try next are missing
+    assert "| linear | 256 | 80.00 / 79.00 | 82.00 / 81.00 | 84.00 / 83.00 | missing |" in report
+    assert "| paper | 256 | missing | 75.00 / 74.00 | 70.00 / 69.00 |  |" in report
+    # linear's x4 falls back: x2 is now inside what it tried. paper's x0.5 is better still,
+    # but one widening is all it may have: it chooses x0.5, at the edge, and says so.
+    widened = [row("linear", 4.0, float("nan")), row("paper", 0.5, 77.0)]
+    assert choices(spec, tuning + widened) == ({("linear", 256): 2.0, ("paper", 256): 0.5}, {})
+    assert [r.key for r in spec.confirmations(choices(spec, tuning + widened)[0])] == [
+        "linear/b256-s1-lr2", "paper/b256-s1-lr0.5"]
+    every = tuning + widened + [row("linear", 2.0, 83.0, seed=1)]
+    write_markdown(spec, every, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert "| method | batch | x0.5 | x1 | x2 | x4 |" in report
+    assert "| linear | 256 | 80.00 / 79.00 | 82.00 / 81.00 | **84.00 / 83.00** | diverged |" in report
+    assert "| paper | 256 | **77.00 / 76.00** | 75.00 / 74.00 | 70.00 / 69.00 |  |" in report
+    assert "| linear | 82.50 ± 0.71 (2, lr x2) |" in report and "| paper | 76.00 (1 of 2, lr x0.5) |" in report
+    assert "tried the next one beyond (up to 1 more)" in report
+    assert "so a rate beyond it might do better: paper at 256 (x0.5)." in report
+    assert "Partial: 1 of the 9 planned runs" in report
+
+
+def test_all_factors_diverged_is_no_reason_to_widen(tmp_path):
+    from megabatch.study.tuning import choices
+
+    path = tmp_path / "widened.toml"
+    path.write_text(TUNED.replace("seeds = [0]", "seeds = [0]\nwiden_edges = 2"))
+    spec = load_spec(str(path))
+    nan = float("nan")
+    rows = [{"method": "paper", "batch": 256, "seed": 0, "lr_factor": f, "final_val_top1": nan, "final_top1": nan}
+            for f in (1.0, 2.0)]
+    assert choices(spec, rows) == ({("paper", 256): 1.0}, {})  # the recipe's own rate, no search
+
+
+def test_a_widened_study_end_to_end(tmp_path, fashion_dir, capsys):
+    """paper tries x1 and x2, so its best is an edge: it tries one factor beyond, chooses,
+    then confirms, all in one invocation; the report reads every run back."""
+    path = tmp_path / "widened.toml"
+    path.write_text(CONFIRMED.replace("confirm_seeds = [1, 2]", "confirm_seeds = [1]\nwiden_edges = 1"))
+    out = tmp_path / "study"
+    assert main(["study", "--spec", str(path), "--out", str(out), "--methods", "paper", "--parallel", "2",
+                 "--data", str(fashion_dir)]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    factors = sorted(float(r["lr_factor"]) for r in rows if r["seed"] == "0")
+    assert factors in ([0.5, 1.0, 2.0], [1.0, 2.0, 4.0]) and [r["seed"] for r in rows].count("1") == 1
+    assert "[4/4]" in capsys.readouterr().out
+    assert "| x0.5 | x1 | x2 |" in (out / "report.md").read_text() or "| x1 | x2 | x4 |" in (out / "report.md").read_text()

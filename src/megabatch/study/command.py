@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from megabatch import provenance
     from megabatch.errors import Preempted
     from megabatch.study.report import plot, write_csv, write_markdown
-    from megabatch.study.runner import read_result, run_study, unfinished
+    from megabatch.study.runner import plan, run_study, unfinished
     from megabatch.study.spec import load_spec
 
     batches = flags.numbers(args.batches, "--batches", int, "2048,8192") if args.batches else None
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         except Preempted as e:  # the report of what finished is still written
             stopped = e
     # The report reads the runs from disk: the same after a full study, a stopped one, or --report.
-    results = [r for r in (read_result(out, run) for run in grid.candidates()) if r is not None]
+    _, results = plan(grid, out)
     note = "\n".join(f"- in progress: {line}" for line in unfinished(grid, out))
     write_csv(results, out / "results.csv")
     if args.epochs or batches or args.set:

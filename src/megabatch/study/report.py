@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from megabatch.study.spec import StudySpec
-from megabatch.study.tuning import factor_of, mean_spread, tuned
+from megabatch.study.tuning import choices, factor_of, mean_spread, planned_total, tuned, tuning_rows
 
 COLUMNS = ["method", "recipe", "batch", "workers", "seed", "lr_factor", "epochs", "steps", "final_top1", "best_top1",
            "diverged", "wall_time_s", "images_per_s", "final_val_top1", "final_train_loss", "loss_spikes"]
@@ -46,39 +46,38 @@ def cells(results: Sequence[dict[str, Any]]) -> dict[tuple[str, int], list[float
 
 
 def tuning_lines(spec: StudySpec, results: Sequence[dict[str, Any]], chosen: dict[tuple[str, int], float]) -> list[str]:
-    """A table of every cell at every factor: validation / test top-1 (mean over the tuning
-    seeds, which chose; the confirmation seeds are in the cells' own row)."""
-    factors = sorted({f for m in spec.methods for f in spec.factors(m)})
-    grouped: dict[tuple[str, int, float], list[dict[str, Any]]] = defaultdict(list)
-    for r in results:
-        if r["seed"] not in spec.confirm_seeds:
-            grouped[r["method"], r["batch"], factor_of(r)].append(r)
+    """A table of every cell at every factor it tried: validation / test top-1 (mean over the
+    tuning seeds, which chose; the confirmation seeds are in the cells' own row)."""
+    rows = tuning_rows(spec, results)
+    tried = {(m.name, b): sorted(set(spec.factors(m)) | set(rows.get((m.name, b), ()))) for m, b in spec.cells()}
+    _, widen = choices(spec, results)
+    factors = sorted({f for fs in tried.values() for f in fs} | set(widen.values()))
     seeds = ("the finished tuning seeds, which chose; the confirmation seeds are in the first table"
              if spec.confirm_seeds else "finished seeds")
     lines = ["", "Learning-rate tuning: validation / test top-1 (%) at each multiple of the recipe's "
              f"lr_per_256 (mean over {seeds}); the chosen factor, by validation, in bold.", "",
              "| method | batch | " + " | ".join(f"x{f:g}" for f in factors) + " |",
              "| --- | --- |" + " --- |" * len(factors)]
-    for method, batch in spec.planned():
-        cells_ = []
+    for cell, cell_factors in tried.items():
+        texts = []
         for f in factors:
-            rows = grouped.get((method, batch, f))
-            if f not in spec.factors(next(m for m in spec.methods if m.name == method)):
-                cells_.append("")
-            elif not rows:
-                cells_.append("missing")
+            runs = rows.get(cell, {}).get(f)
+            if f not in cell_factors and f != widen.get(cell):
+                texts.append("")
+            elif not runs:
+                texts.append("missing")
             else:
-                val, _ = mean_spread([r["final_val_top1"] for r in rows])
-                test, _ = mean_spread([r["final_top1"] for r in rows])
+                val, _ = mean_spread([r["final_val_top1"] for r in runs])
+                test, _ = mean_spread([r["final_top1"] for r in runs])
                 text = "diverged" if math.isnan(test) else f"{val:.2f} / {test:.2f}"
-                cells_.append(f"**{text}**" if chosen.get((method, batch)) == f else text)
-        lines.append(f"| {method} | {batch:,} | " + " | ".join(cells_) + " |")
-    edges = []  # a best value at the edge of the search says the search was too narrow there
-    for (method, batch), factor in sorted(chosen.items(), key=lambda cell: list(spec.planned()).index(cell[0])):
-        tried = spec.factors(next(m for m in spec.methods if m.name == method))
-        if len(tried) > 1 and factor in (min(tried), max(tried)):
-            edges.append(f"{method} at {batch:,} (x{factor:g})")
-    if edges:
+                texts.append(f"**{text}**" if chosen.get(cell) == f else text)
+        lines.append(f"| {cell[0]} | {cell[1]:,} | " + " | ".join(texts) + " |")
+    if spec.widen_edges:
+        lines += ["", f"A cell whose best factor was the largest or smallest it had tried tried the next one "
+                      f"beyond (up to {spec.widen_edges} more) before choosing."]
+    edges = [f"{name} at {batch:,} (x{factor:g})" for (name, batch), factor in chosen.items()
+             if len(tried[name, batch]) > 1 and factor in (tried[name, batch][0], tried[name, batch][-1])]
+    if edges:  # a best value at the edge of the search says the search was too narrow there
         lines += ["", "Chosen at the edge of the factors tried, so a rate beyond it might do better: "
                   + ", ".join(edges) + "."]
     return lines
@@ -144,7 +143,7 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
     baseline, _ = mean_spread(base_values)
     planned = spec.planned()
     batches = sorted({b for _, b in planned} | set(batches))
-    total = spec.total()
+    total = planned_total(spec, every)
     missing = total - len(every)
     chosen_note = (" Each cell at the learning-rate factor its validation top-1 chose (lr xF), with the "
                    "test top-1 of that factor's runs" + (

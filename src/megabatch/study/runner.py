@@ -4,8 +4,9 @@ Each run writes to ``OUT/runs/<method>/b<batch>-s<seed>/`` and is finished when
 its ``result.json`` exists, so an interrupted study continues where it stopped: an
 unfinished run resumes from its newest checkpoint (``megabatch train --resume``).
 The first seed of every cell runs before any second seed, so a study cut short
-still covers every cell; a tuned cell's confirmation seeds start as soon as it has
-chosen its learning-rate factor. ``--parallel N`` runs N at once (several small models share one GPU well; on a
+still covers every cell; what a tuned cell calls for next starts as soon as its
+tuning runs have finished: a factor beyond its edge (``widen_edges``), or, once it
+has chosen, its confirmation seeds. ``--parallel N`` runs N at once (several small models share one GPU well; on a
 CPU each gets cores / N threads). A diverged run is a result (the method failed
 at that batch), not an error. Any other failure stops the study, and so does a
 stop signal (SIGTERM, SIGUSR1): no new run starts, the runs in progress receive
@@ -30,7 +31,7 @@ from typing import Any, Callable
 from megabatch.errors import Preempted, UserError
 from megabatch.signals import stop_on_signals
 from megabatch.study.spec import Run, StudySpec
-from megabatch.study.tuning import tuned
+from megabatch.study.tuning import choices, planned_total
 
 
 def run_dir(out: Path, run: Run) -> Path:
@@ -91,7 +92,7 @@ def first_seeds_first(grid: list[Run]) -> list[Run]:
 def unfinished(spec: StudySpec, out: Path) -> list[str]:
     """Where each started but unfinished run stands: "<key> at epoch E of N (top-1 T%)"."""
     lines = []
-    for run in spec.candidates():
+    for run in plan(spec, out)[0]:
         metrics = run_dir(out, run) / "metrics.jsonl"
         if read_result(out, run) is None and metrics.is_file() and metrics.read_text().strip():
             last = json.loads(metrics.read_text().strip().splitlines()[-1])
@@ -180,24 +181,39 @@ def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads:
     return result
 
 
-def confirmations(spec: StudySpec, out: Path) -> list[Run]:
-    """The confirmation runs of every cell that has chosen its factor, from the results on disk."""
-    if not spec.confirm_seeds:
-        return []
-    results = [r for r in (read_result(out, run) for run in spec.whole().runs()) if r is not None]
-    return spec.confirmations(tuned(spec, results)[1])
+def plan(spec: StudySpec, out: Path) -> tuple[list[Run], list[dict[str, Any]]]:
+    """(every run the study calls for so far, the results of those finished): the grid's,
+    then the widenings and confirmations that the results on disk call for, and theirs."""
+    runs = spec.runs()
+    while True:
+        results = [r for r in (read_result(out, run) for run in runs) if r is not None]
+        chosen, widen = choices(spec, results)
+        more = [run for run in spec.widenings(widen) + spec.confirmations(chosen) if run not in runs]
+        if not more:
+            return runs, results
+        runs = runs + more
+
+
+def next_runs(spec: StudySpec, out: Path, started: set[Run] = frozenset()) -> tuple[list[Run], list[dict[str, Any]]]:
+    """(the unfinished runs not ``started`` yet, in the order they should start; the finished
+    runs' results): the grid's first seeds first, then what the results call for, the
+    largest batches first."""
+    known, results = plan(spec, out)
+    grid = first_seeds_first(spec.runs())
+    later = sorted(known[len(spec.runs()):], key=lambda run: -run.batch)
+    return [run for run in grid + later if run not in started and read_result(out, run) is None], results
 
 
 def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel: int = 1,
               log: Callable[[str], None] = print) -> None:
-    """Run every unfinished run of the study, the grid's and then, cell by cell as each
-    chooses, its confirmations'; each finished run's ``result.json`` is its result (the
-    report reads them from disk, with :func:`read_result`)."""
+    """Run every unfinished run of the study: the grid's, then what each cell calls for once
+    its tuning runs have finished (a factor beyond its edge, its confirmations). Each time a
+    run ends, the next to start is the first of those known then; each finished run's
+    ``result.json`` is its result (the report reads them from disk, with :func:`read_result`)."""
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
-    total, known = spec.total(), first_seeds_first(spec.runs()) + confirmations(spec, out)
-    todo = [run for run in known if read_result(out, run) is None]
-    done = len(known) - len(todo)
+    queue, results = next_runs(spec, out)
+    done, total = len(results), planned_total(spec, results)
     log(f"study {spec.name}: {total} runs ({done} already done in {out}), "
         f"{spec.epochs} epochs each, {parallel} at a time")
     threads = max(1, (os.cpu_count() or 1) // parallel)
@@ -219,24 +235,26 @@ def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel:
         log(f"[{done}/{total}] {run.key}: {state}, {result['steps']} steps, {result['wall_time_s']:.0f} s")
 
     with stop_on_signals(lambda number: runs.stop()), ThreadPoolExecutor(max_workers=parallel) as pool:
-        started = set(todo)
-        pending: set[Future] = {pool.submit(one, run) for run in todo}
+        started: set[Run] = set()
+        pending: set[Future] = set()
         failed: list[BaseException] = []
-        while pending:
+        while True:
+            while queue and len(pending) < parallel and not (failed or runs.stopped):
+                started.add(queue[0])
+                pending.add(pool.submit(one, queue.pop(0)))
+            if not pending:
+                break
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             failed += [e for e in (f.exception() for f in finished) if e is not None]
-            if failed or runs.stopped:
-                continue
-            # A cell that has just chosen its factor: its confirmation seeds can start.
-            for run in confirmations(spec, out):
-                if run not in started and read_result(out, run) is None:
-                    started.add(run)
-                    pending.add(pool.submit(one, run))
+            if not (failed or runs.stopped):  # what the finished runs call for joins the queue
+                queue, results = next_runs(spec, out, started)
+                total = planned_total(spec, results)
     if failed:
         raise failed[0]
     if runs.stopped:
         raise Preempted(f"study stopped with {done} of {total} runs finished; the runs in "
                         "progress checkpointed: run the same command again to continue")
     if done < total:  # --seeds named confirmation seeds of cells whose tuning runs have not all finished
-        log(f"{total - done} confirmation runs wait for their cells to choose a learning rate: "
+        waiting = total - done
+        log(f"{waiting} run{'s wait' if waiting > 1 else ' waits'} for their cells' tuning runs to finish: "
             f"run the tuning seeds first (without --seeds, or with {', '.join(map(str, spec.seeds))})")

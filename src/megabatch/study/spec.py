@@ -32,7 +32,11 @@ One seed chooses; more seeds then say how far the chosen factor's result is luck
     confirm_seeds = [1, 2]  # once a cell has chosen, its factor runs again at these seeds
 
 The cell's test top-1 is then the mean over all its seeds at that factor. The choice
-stays that of the tuning seeds alone, so it is made once and never revised.
+stays that of the tuning seeds alone, so it is made once and never revised. A best
+factor at the edge of those tried may be bettered past it::
+
+    widen_edges = 2  # a cell whose best is its largest (smallest) factor tries one more
+                     # beyond it (x4 after x2, x0.25 after x0.5), up to 2 more, then chooses
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class StudySpec:
     only_methods: tuple[str, ...] = derived(())  # a reduced grid: just these methods
     lr_factors: tuple[PositiveFloat, ...] = (1.0,)  # multiples of each recipe's lr_per_256 (tuning)
     confirm_seeds: tuple[Count, ...] = ()  # with tuning: seeds that rerun each cell's chosen factor
+    widen_edges: Count = 0  # with tuning: factors a cell may add beyond the edge of its best
 
     def cells(self) -> list[tuple[Method, int]]:
         """Every (method, batch) of the grid, in the spec's order."""
@@ -101,16 +106,28 @@ class StudySpec:
                 if not self.only_methods or method.name in self.only_methods
                 for batch in ((max(self.batches),) if method.largest_only else method.batches or self.batches)]
 
+    def cell_seeds(self) -> dict[tuple[str, int], tuple[int, ...]]:
+        """Each cell's seeds (extra seeds at large batches); with tuning, those that choose."""
+        return {(method.name, batch): tuple(dict.fromkeys(method.seeds or self.seeds + (
+                    self.extra_seeds if batch >= self.extra_seeds_from else ())))
+                for method, batch in self.cells()}
+
+    def _seeds(self, method: Method, batch: int) -> list[int]:
+        return [seed for seed in self.cell_seeds()[method.name, batch]
+                if not self.only_seeds or seed in self.only_seeds]
+
     def runs(self) -> list[Run]:
-        """The grid: every method at its batches, every seed (extra seeds at large batches) and
-        learning-rate factor; with tuning, the runs that choose (confirmations come after)."""
-        grid = []
-        for method, batch in self.cells():
-            seeds = method.seeds or self.seeds + (self.extra_seeds if batch >= self.extra_seeds_from else ())
-            grid += [Run(method, batch, seed, factor) for seed in dict.fromkeys(seeds)
-                     if not self.only_seeds or seed in self.only_seeds
-                     for factor in self.factors(method)]
-        return grid
+        """The grid: every method at its batches, every seed and learning-rate factor; with
+        tuning, the runs that choose (widenings and confirmations come after)."""
+        return [Run(method, batch, seed, factor) for method, batch in self.cells()
+                for seed in self._seeds(method, batch) for factor in self.factors(method)]
+
+    def widenings(self, widen: dict[tuple[str, int], float]) -> list[Run]:
+        """The tuning runs at the factor each cell at an edge must try (``widen``), the largest
+        batches first."""
+        runs = [Run(method, batch, seed, widen[method.name, batch]) for method, batch in self.cells()
+                if (method.name, batch) in widen for seed in self._seeds(method, batch)]
+        return sorted(runs, key=lambda run: -run.batch)
 
     def confirming_seeds(self) -> tuple[int, ...]:
         return tuple(s for s in self.confirm_seeds if not self.only_seeds or s in self.only_seeds)
@@ -123,12 +140,6 @@ class StudySpec:
         runs = [Run(method, batch, seed, chosen[method.name, batch]) for method, batch in self.cells()
                 if (method.name, batch) in chosen for seed in seeds]
         return sorted(runs, key=lambda run: (-run.batch, seeds.index(run.seed)))
-
-    def candidates(self) -> list[Run]:
-        """Every run that may have a result: the grid's, and each cell's confirmation seeds at
-        every factor it could choose."""
-        return self.runs() + [Run(method, batch, seed, factor) for method, batch in self.cells()
-                              for seed in self.confirming_seeds() for factor in self.factors(method)]
 
     def total(self) -> int:
         """How many runs the study plans: the grid's and the confirmations'."""
@@ -209,6 +220,9 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
     if spec.confirm_seeds and not spec.tuning:
         raise UserError(f"study spec {name_or_path}: confirm_seeds rerun the learning-rate factor that tuning "
                         f"chose, but the spec tunes nothing: give lr_factors, or list the seeds in seeds")
+    if spec.widen_edges and not spec.tuning:
+        raise UserError(f"study spec {name_or_path}: widen_edges tries learning-rate factors beyond the best "
+                        f"of lr_factors, but the spec tunes nothing: give lr_factors = [0.5, 1.0, 2.0], say")
     if overlap := sorted({run.seed for run in spec.whole().runs()} & set(spec.confirm_seeds)):
         raise UserError(f"study spec {name_or_path}: seed {overlap[0]} is both a tuning seed and in "
                         f"confirm_seeds: a confirmation must be a seed that did not choose")
@@ -219,7 +233,7 @@ def load_spec(name_or_path: str, epochs: int | None = None, batches: list[int] |
     for method in spec.methods:
         if method.ablation_of and method.ablation_of not in names:
             raise UserError(f"method {method.name}: ablation_of = {method.ablation_of!r} is not a method")
-    for run in spec.candidates():
+    for run in spec.runs() + spec.confirmations({(m.name, b): spec.factors(m)[0] for m, b in spec.cells()}):
         recipe = recipes.load(run.method.recipe, spec.overrides(run))  # fail now, not hours in
         if spec.factors(run.method) != (1.0,) and not recipe.data.validation_images:
             raise UserError(f"study spec {name_or_path}: method {run.method.name} tunes lr_factors but holds "
