@@ -294,7 +294,7 @@ def test_each_cell_reports_the_test_top1_of_the_factor_validation_chose(tmp_path
     assert tuned(spec, tie)[1] == {("linear", 256): 1.0}  # a tie goes to the recipe's own rate
     write_markdown(spec, results, tmp_path / "report.md")
     report = (tmp_path / "report.md").read_text()
-    assert "| linear | 81.00 (1, lr x1) |" in report and "| paper | missing |" in report
+    assert "| linear | 81.00 (1, lr x1) |" in report and "| paper | choosing |" in report  # its x2 runs still
     assert "| linear | 256 | 80.00 / 85.00 | **82.00 / 81.00** | diverged |" in report
     assert "| paper | 256 |  | 70.00 / 71.00 | missing |" in report
     assert "Partial: 1 of the 5 planned runs" in report
@@ -443,6 +443,7 @@ def test_a_best_factor_at_the_edge_is_widened_before_the_cell_chooses(tmp_path):
     report = (tmp_path / "report.md").read_text()  # the factors to try next are missing
     assert "| linear | 256 | 80.00 / 79.00 | 82.00 / 81.00 | 84.00 / 83.00 | missing |" in report
     assert "| paper | 256 | missing | 75.00 / 74.00 | 70.00 / 69.00 |  |" in report
+    assert "| linear | choosing |" in report and '"choosing" a tuned cell whose' in report
     # linear's x4 falls back: x2 is now inside what it tried. paper's x0.5 is better still,
     # but one widening is all it may have: it chooses x0.5, at the edge, and says so.
     widened = [row("linear", 4.0, float("nan")), row("paper", 0.5, 77.0)]

@@ -144,6 +144,7 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
     planned = spec.planned()
     batches = sorted({b for _, b in planned} | set(batches))
     total = planned_total(spec, every)
+    tuning = tuning_rows(spec, every)  # a tuned cell with some of these has started choosing
     missing = total - len(every)
     chosen_note = (" Each cell at the learning-rate factor its validation top-1 chose (lr xF), with the "
                    "test top-1 of that factor's runs" + (
@@ -154,7 +155,9 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
              f"deviation over seeds (n); \"diverged\" = the loss became NaN or infinite.{chosen_note}", ""]
     if missing > 0:
         lines += [f"**Partial: {missing} of the {total} planned runs have not finished yet.** "
-                  f"\"missing\" marks a cell with no finished run; (n of m) a cell with fewer seeds than "
+                  f"\"missing\" marks a cell with no finished run" + (
+                      ", \"choosing\" a tuned cell whose learning-rate factor is not chosen yet"
+                      if spec.tuning else "") + "; (n of m) a cell with fewer seeds than "
                   f"planned. `megabatch study` with the same --out continues the study.", ""]
     if note:
         lines += [note, ""]
@@ -165,7 +168,7 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
         for batch in batches:
             values, wanted = table.get((method.name, batch)), planned.get((method.name, batch), 0)
             if not values:
-                row.append("missing" if wanted else "")
+                row.append("" if not wanted else "choosing" if (method.name, batch) in tuning else "missing")
                 continue
             mean, spread = mean_spread(values)
             count = f"{len(values)}" if len(values) >= wanted else f"{len(values)} of {wanted}"
