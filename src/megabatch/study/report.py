@@ -155,10 +155,10 @@ def write_markdown(spec: StudySpec, results: Sequence[dict[str, Any]], path: Pat
              f"deviation over seeds (n); \"diverged\" = the loss became NaN or infinite.{chosen_note}", ""]
     if missing > 0:
         lines += [f"**Partial: {missing} of the {total} planned runs have not finished yet.** "
-                  f"\"missing\" marks a cell with no finished run" + (
+                  "\"missing\" marks a cell with no finished run" + (
                       ", \"choosing\" a tuned cell whose learning-rate factor is not chosen yet"
                       if spec.tuning else "") + "; (n of m) a cell with fewer seeds than "
-                  f"planned. `megabatch study` with the same --out continues the study.", ""]
+                  "planned. `megabatch study` with the same --out continues the study.", ""]
     if note:
         lines += [note, ""]
     lines += ["| method | " + " | ".join(f"{b:,}" for b in batches) + " |",
