@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 
 import pytest
@@ -487,3 +488,33 @@ def test_a_widened_study_end_to_end(tmp_path, fashion_dir, capsys):
     assert factors in ([0.5, 1.0, 2.0], [1.0, 2.0, 4.0]) and [r["seed"] for r in rows].count("1") == 1
     assert "[4/4]" in capsys.readouterr().out
     assert "| x0.5 | x1 | x2 |" in (out / "report.md").read_text() or "| x1 | x2 | x4 |" in (out / "report.md").read_text()
+
+
+def test_a_widened_factor_counts_all_its_seeds_until_they_finish(tmp_path):
+    from megabatch.study.report import write_markdown
+    from megabatch.study.tuning import choices, planned_total
+
+    path = tmp_path / "two-seeds.toml"
+    path.write_text(TUNED.replace("seeds = [0]", "seeds = [0, 1]\nwiden_edges = 1"))
+    spec = load_spec(str(path), methods=["paper"])
+
+    def row(factor, seed, val):
+        return {"method": "paper", "batch": 256, "seed": seed, "lr_factor": factor, "final_val_top1": val,
+                "final_top1": val}
+
+    rows = [row(1.0, 0, 70.0), row(1.0, 1, 71.0), row(2.0, 0, 75.0), row(2.0, 1, 76.0)]
+    assert choices(spec, rows)[1] == {("paper", 256): 4.0} and planned_total(spec, rows) == 4 + 2
+    partly = rows + [row(4.0, 0, 60.0)]  # one of x4's two seeds: undecided, and one run to go
+    assert choices(spec, partly) == ({}, {}) and planned_total(spec, partly) == 4 + 2
+    write_markdown(spec.whole(), partly, tmp_path / "report.md")
+    assert "Partial: 7 of the 12 planned runs" in (tmp_path / "report.md").read_text()  # with linear's 6
+
+
+def test_a_run_that_diverged_before_its_first_evaluation_has_a_nan_validation(tmp_path):
+    from megabatch.study.runner import summarize
+
+    spec = load_spec("fashion-mnist-paper-budget-tuned")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    row = summarize(spec.runs()[0], folder, diverged=True, wall_time_s=1.0)
+    assert math.isnan(row["final_val_top1"]) and math.isnan(row["final_top1"])

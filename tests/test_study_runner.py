@@ -114,3 +114,57 @@ def test_a_stopped_study_signals_each_run_once(tmp_path):
     assert codes == {"run0.log": 75, "run1.log": 75}
     assert [log.read_text().count("TERM") for log in logs] == [1, 1]
     assert runs.run([sys.executable, "-c", "pass"], None, {}) is None  # nothing starts once stopped
+
+
+def _finished(out, run, val, test=None):
+    """A run's result.json as the runner writes it, without training it."""
+    import json
+
+    from megabatch.study.runner import run_dir
+
+    folder = run_dir(out, run)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(json.dumps(
+        {"method": run.method.name, "batch": run.batch, "seed": run.seed, "lr_factor": run.lr_factor,
+         "final_val_top1": val, "final_top1": val if test is None else test, "diverged": val is None,
+         "loss_curve": []}))
+
+
+WIDENED = """
+description = "tuned, widened, confirmed"
+epochs = 1
+batches = [256, 512]
+seeds = [0]
+confirm_seeds = [1, 2]
+widen_edges = 1
+lr_factors = [1.0, 2.0]
+set = ["data.train_subset=2048", "data.validation_images=512", "data.test_subset=500", "batch.micro_batch=256"]
+
+[methods.paper]
+recipe = "fashion-mnist-paper"
+"""
+
+
+def test_what_a_cell_calls_for_is_planned_from_the_results_on_disk(tmp_path):
+    """The runner's queue: widenings and confirmations, largest batch and lower seeds first;
+    a --seeds reduction still sees the tuning seed's results, so it confirms."""
+    from megabatch.study.runner import next_runs
+
+    path = tmp_path / "widened.toml"
+    path.write_text(WIDENED)
+    spec, out = load_spec(str(path)), tmp_path / "study"
+    grid = {(r.batch, r.lr_factor): r for r in spec.runs()}
+    assert [r.key for r in next_runs(spec, out)[0]] == [
+        "paper/b256-s0", "paper/b256-s0-lr2", "paper/b512-s0", "paper/b512-s0-lr2"]
+    _finished(out, grid[256, 1.0], 80.0)
+    _finished(out, grid[256, 2.0], 70.0)  # x1 is best, at the lower edge: try x0.5
+    _finished(out, grid[512, 1.0], 60.0)
+    _finished(out, grid[512, 2.0], 65.0)  # x2 best: try x4
+    queue, results = next_runs(spec, out)
+    assert [r.key for r in queue] == ["paper/b512-s0-lr4", "paper/b256-s0-lr0.5"] and len(results) == 4
+    _finished(out, queue[0], None, test=float("nan"))  # x4 diverged before its first evaluation
+    _finished(out, queue[1], 79.0)  # x0.5 falls back: x1 stays
+    assert [r.key for r in next_runs(spec, out)[0]] == [
+        "paper/b512-s1-lr2", "paper/b512-s2-lr2", "paper/b256-s1", "paper/b256-s2"]
+    only = load_spec(str(path), seeds=[2])
+    assert [r.key for r in next_runs(only, out)[0]] == ["paper/b512-s2-lr2", "paper/b256-s2"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from megabatch.study.spec import StudySpec
-from megabatch.study.tuning import choices, factor_of, mean_spread, planned_total, tuned, tuning_rows
+from megabatch.study.tuning import choices, factor_of, mean_spread, planned_total, tuned, tuning_rows, validation
 
 COLUMNS = ["method", "recipe", "batch", "workers", "seed", "lr_factor", "epochs", "steps", "final_top1", "best_top1",
            "diverged", "wall_time_s", "images_per_s", "final_val_top1", "final_train_loss", "loss_spikes"]
@@ -67,7 +67,7 @@ def tuning_lines(spec: StudySpec, results: Sequence[dict[str, Any]], chosen: dic
             elif not runs:
                 texts.append("missing")
             else:
-                val, _ = mean_spread([r["final_val_top1"] for r in runs])
+                val, _ = mean_spread([validation(r) for r in runs])
                 test, _ = mean_spread([r["final_top1"] for r in runs])
                 text = "diverged" if math.isnan(test) else f"{val:.2f} / {test:.2f}"
                 texts.append(f"**{text}**" if chosen.get(cell) == f else text)
@@ -76,7 +76,8 @@ def tuning_lines(spec: StudySpec, results: Sequence[dict[str, Any]], chosen: dic
         lines += ["", f"A cell whose best factor was the largest or smallest it had tried tried the next one "
                       f"beyond (up to {spec.widen_edges} more) before choosing."]
     edges = [f"{name} at {batch:,} (x{factor:g})" for (name, batch), factor in chosen.items()
-             if len(tried[name, batch]) > 1 and factor in (tried[name, batch][0], tried[name, batch][-1])]
+             if len(tried.get((name, batch), ())) > 1 and factor in (tried[name, batch][0], tried[name, batch][-1])
+             and not math.isnan(mean_spread([validation(r) for r in rows[name, batch][factor]])[0])]
     if edges:  # a best value at the edge of the search says the search was too narrow there
         lines += ["", "Chosen at the edge of the factors tried, so a rate beyond it might do better: "
                   + ", ".join(edges) + "."]

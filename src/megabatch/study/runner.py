@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,7 +69,7 @@ def summarize(run: Run, folder: Path, diverged: bool, wall_time_s: float) -> dic
         "final_top1": float("nan") if diverged or not tested else tested[-1],
         "best_top1": max(tested) if tested else float("nan"),
         # With data.validation_images: the held-out images' top-1, for choosing hyperparameters.
-        "final_val_top1": (float("nan") if diverged else validated[-1]) if validated else None,
+        "final_val_top1": float("nan") if diverged else validated[-1] if validated else None,
         # A resumed run's own clock (fit carries it over), not just this attempt's.
         "diverged": diverged, "wall_time_s": round(metrics[-1].get("wall_time_s", wall_time_s)
                                                    if metrics else wall_time_s, 1),
@@ -182,43 +183,51 @@ def execute(spec: StudySpec, run: Run, out: Path, data_dir: str | None, threads:
 
 
 def plan(spec: StudySpec, out: Path) -> tuple[list[Run], list[dict[str, Any]]]:
-    """(every run the study calls for so far, the results of those finished): the grid's,
-    then the widenings and confirmations that the results on disk call for, and theirs."""
-    runs = spec.runs()
+    """(every run of ``spec`` that the study calls for so far; the finished results of its
+    methods' cells): the grid's, then the widenings and confirmations that the results on
+    disk call for, and theirs. A cell chooses on all its tuning seeds, so the results are
+    read for every seed, whichever seeds ``--seeds`` gave ``spec``."""
+    every = replace(spec, only_seeds=())
+    runs = every.runs()
     while True:
         results = [r for r in (read_result(out, run) for run in runs) if r is not None]
-        chosen, widen = choices(spec, results)
-        more = [run for run in spec.widenings(widen) + spec.confirmations(chosen) if run not in runs]
+        chosen, widen = choices(every, results)
+        more = [run for run in every.widenings(widen) + every.confirmations(chosen) if run not in runs]
         if not more:
-            return runs, results
+            return [run for run in runs if selected(spec, run.seed)], results
         runs = runs + more
+
+
+def selected(spec: StudySpec, seed: int) -> bool:
+    return not spec.only_seeds or seed in spec.only_seeds
 
 
 def next_runs(spec: StudySpec, out: Path, started: set[Run] = frozenset()) -> tuple[list[Run], list[dict[str, Any]]]:
     """(the unfinished runs not ``started`` yet, in the order they should start; the finished
-    runs' results): the grid's first seeds first, then what the results call for, the
-    largest batches first."""
+    results, as :func:`plan` gives them): the grid's first seeds first, then what the results
+    call for, the largest batches first and there each cell's lower seeds first."""
     known, results = plan(spec, out)
     grid = first_seeds_first(spec.runs())
-    later = sorted(known[len(spec.runs()):], key=lambda run: -run.batch)
+    later = sorted(set(known) - set(grid), key=lambda run: (-run.batch, run.seed, known.index(run)))
     return [run for run in grid + later if run not in started and read_result(out, run) is None], results
 
 
 def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel: int = 1,
               log: Callable[[str], None] = print) -> None:
     """Run every unfinished run of the study: the grid's, then what each cell calls for once
-    its tuning runs have finished (a factor beyond its edge, its confirmations). Each time a
-    run ends, the next to start is the first of those known then; each finished run's
+    its tuning runs have finished (a factor beyond its edge, its confirmations), which joins
+    the queue behind the grid's runs then. Each time a run ends, the next to start is the
+    first of those known then; each finished run's
     ``result.json`` is its result (the report reads them from disk, with :func:`read_result`)."""
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
     queue, results = next_runs(spec, out)
-    done, total = len(results), planned_total(spec, results)
+    done, total = sum(selected(spec, r["seed"]) for r in results), planned_total(spec, results)
     log(f"study {spec.name}: {total} runs ({done} already done in {out}), "
         f"{spec.epochs} epochs each, {parallel} at a time")
     threads = max(1, (os.cpu_count() or 1) // parallel)
 
-    runs = Runs()
+    runs, counting = Runs(), threading.Lock()
 
     def one(run: Run) -> None:
         nonlocal done
@@ -230,7 +239,8 @@ def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel:
         if result is None:  # stopped: a signal, or a run that was itself told to stop
             runs.stop()
             return
-        done += 1
+        with counting:
+            done += 1
         state = "diverged" if result["diverged"] else f"top-1 {result['final_top1']:.2f}%"
         log(f"[{done}/{total}] {run.key}: {state}, {result['steps']} steps, {result['wall_time_s']:.0f} s")
 
@@ -247,8 +257,12 @@ def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             failed += [e for e in (f.exception() for f in finished) if e is not None]
             if not (failed or runs.stopped):  # what the finished runs call for joins the queue
-                queue, results = next_runs(spec, out, started)
-                total = planned_total(spec, results)
+                try:
+                    queue, results = next_runs(spec, out, started)
+                    total = planned_total(spec, results)
+                except BaseException as e:  # the runs in progress checkpoint and stop
+                    runs.stop()
+                    failed.append(e)
     if failed:
         raise failed[0]
     if runs.stopped:
@@ -257,4 +271,5 @@ def run_study(spec: StudySpec, out: Path, data_dir: str | None = None, parallel:
     if done < total:  # --seeds named confirmation seeds of cells whose tuning runs have not all finished
         waiting = total - done
         log(f"{waiting} run{'s wait' if waiting > 1 else ' waits'} for their cells' tuning runs to finish: "
-            f"run the tuning seeds first (without --seeds, or with {', '.join(map(str, spec.seeds))})")
+            f"run the tuning seeds first (without --seeds, or with "
+            f"{','.join(map(str, sorted({s for seeds in spec.cell_seeds().values() for s in seeds})))})")

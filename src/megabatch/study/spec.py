@@ -112,7 +112,8 @@ class StudySpec:
                     self.extra_seeds if batch >= self.extra_seeds_from else ())))
                 for method, batch in self.cells()}
 
-    def _seeds(self, method: Method, batch: int) -> list[int]:
+    def seeds_of(self, method: Method, batch: int) -> list[int]:
+        """The cell's seeds that this (perhaps --seeds reduced) grid runs."""
         return [seed for seed in self.cell_seeds()[method.name, batch]
                 if not self.only_seeds or seed in self.only_seeds]
 
@@ -120,13 +121,13 @@ class StudySpec:
         """The grid: every method at its batches, every seed and learning-rate factor; with
         tuning, the runs that choose (widenings and confirmations come after)."""
         return [Run(method, batch, seed, factor) for method, batch in self.cells()
-                for seed in self._seeds(method, batch) for factor in self.factors(method)]
+                for seed in self.seeds_of(method, batch) for factor in self.factors(method)]
 
     def widenings(self, widen: dict[tuple[str, int], float]) -> list[Run]:
         """The tuning runs at the factor each cell at an edge must try (``widen``), the largest
         batches first."""
         runs = [Run(method, batch, seed, widen[method.name, batch]) for method, batch in self.cells()
-                if (method.name, batch) in widen for seed in self._seeds(method, batch)]
+                if (method.name, batch) in widen for seed in self.seeds_of(method, batch)]
         return sorted(runs, key=lambda run: -run.batch)
 
     def confirming_seeds(self) -> tuple[int, ...]:

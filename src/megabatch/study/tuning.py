@@ -21,6 +21,12 @@ def factor_of(row: dict[str, Any]) -> float:
     return row.get("lr_factor", 1.0)  # results written before tuning existed ran at 1.0
 
 
+def validation(row: dict[str, Any]) -> float:
+    """A run's final validation top-1; NaN for one that diverged before it was evaluated."""
+    value = row.get("final_val_top1")
+    return float("nan") if value is None else value
+
+
 def mean_spread(values: list[float]) -> tuple[float, float]:
     """(mean, sample standard deviation) of ``values``; NaN for none or a NaN among them."""
     if not values or any(math.isnan(v) for v in values):
@@ -64,7 +70,7 @@ def choices(spec: StudySpec, results: Sequence[dict[str, Any]]) -> tuple[dict[Ce
             continue
 
         def score(factor: float) -> tuple[float, bool]:  # a tie goes to the recipe's own rate
-            mean, _ = mean_spread([r["final_val_top1"] for r in runs[factor]])
+            mean, _ = mean_spread([validation(r) for r in runs[factor]])
             return -math.inf if math.isnan(mean) else mean, factor == 1.0
 
         best = max(tried, key=score)
@@ -92,6 +98,7 @@ def planned_total(spec: StudySpec, results: Sequence[dict[str, Any]]) -> int:
     """How many runs the study plans as far as its results tell: the spec's own, the widened
     factors' runs that have finished and those the cells at an edge call for now."""
     given = {(m.name, batch): spec.factors(m) for m, batch in spec.cells()}
-    widened = sum(len(runs) for cell, by_factor in tuning_rows(spec, results).items() if cell in given
-                  for factor, runs in by_factor.items() if factor not in given[cell])
+    seeds = {(m.name, batch): spec.seeds_of(m, batch) for m, batch in spec.cells()}
+    widened = sum(len(seeds[cell]) for cell, by_factor in tuning_rows(spec, results).items() if cell in given
+                  for factor in by_factor if factor not in given[cell])
     return spec.total() + widened + len(spec.widenings(choices(spec, results)[1]))
