@@ -463,16 +463,38 @@ def test_a_best_factor_at_the_edge_is_widened_before_the_cell_chooses(tmp_path):
     assert "Partial: 1 of the 9 planned runs" in report
 
 
-def test_all_factors_diverged_is_no_reason_to_widen(tmp_path):
+def test_a_cell_whose_every_factor_diverged_widens_below_its_smallest(tmp_path):
+    from megabatch.study.report import write_markdown
     from megabatch.study.tuning import choices
 
     path = tmp_path / "widened.toml"
     path.write_text(TUNED.replace("seeds = [0]", "seeds = [0]\nwiden_edges = 2"))
-    spec = load_spec(str(path))
+    spec = load_spec(str(path), methods=["paper"])
     nan = float("nan")
-    rows = [{"method": "paper", "batch": 256, "seed": 0, "lr_factor": f, "final_val_top1": nan, "final_top1": nan}
-            for f in (1.0, 2.0)]
-    assert choices(spec, rows) == ({("paper", 256): 1.0}, {})  # the recipe's own rate, no search
+
+    def row(factor, val):
+        return {"method": "paper", "batch": 256, "seed": 0, "lr_factor": factor, "final_val_top1": val,
+                "final_top1": val}
+
+    rows = [row(1.0, nan), row(2.0, nan)]
+    assert choices(spec, rows) == ({}, {("paper", 256): 0.5})  # the search went too high
+    assert choices(spec, rows + [row(0.5, nan)]) == ({}, {("paper", 256): 0.25})
+    # out of widenings, still nothing trains: the recipe's own rate, diverged, and the report says so
+    every = rows + [row(0.5, nan), row(0.25, nan)]
+    assert choices(spec, every) == ({("paper", 256): 1.0}, {})
+    write_markdown(spec, every, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert "| paper | 256 | diverged | diverged | **diverged** | diverged |" in report
+    assert "Every factor tried diverged, so a smaller rate might train: paper at 256." in report
+    assert "Chosen at the edge" not in report
+    # once one trains, it is the best, at the lower edge: with no widening left, the choice
+    trains = rows + [row(0.5, nan), row(0.25, 60.0)]
+    assert choices(spec, trains) == ({("paper", 256): 0.25}, {})
+    write_markdown(spec, trains, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert "might do better: paper at 256 (x0.25)." in report and "Every factor tried" not in report
+    path.write_text(TUNED)  # without widen_edges, all diverged is the choice at once
+    assert choices(load_spec(str(path), methods=["paper"]), rows) == ({("paper", 256): 1.0}, {})
 
 
 def test_a_widened_study_end_to_end(tmp_path, fashion_dir, capsys):

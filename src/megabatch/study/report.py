@@ -74,13 +74,18 @@ def tuning_lines(spec: StudySpec, results: Sequence[dict[str, Any]], chosen: dic
         lines.append(f"| {cell[0]} | {cell[1]:,} | " + " | ".join(texts) + " |")
     if spec.widen_edges:
         lines += ["", f"A cell whose best factor was the largest or smallest it had tried tried the next one "
-                      f"beyond (up to {spec.widen_edges} more) before choosing."]
+                      f"beyond (up to {spec.widen_edges} more) before choosing; one whose every factor "
+                      f"diverged, the next one below the smallest."]
     edges = [f"{name} at {batch:,} (x{factor:g})" for (name, batch), factor in chosen.items()
              if len(tried.get((name, batch), ())) > 1 and factor in (tried[name, batch][0], tried[name, batch][-1])
              and not math.isnan(mean_spread([validation(r) for r in rows[name, batch][factor]])[0])]
     if edges:  # a best value at the edge of the search says the search was too narrow there
         lines += ["", "Chosen at the edge of the factors tried, so a rate beyond it might do better: "
                   + ", ".join(edges) + "."]
+    diverged = [f"{name} at {batch:,}" for (name, batch), factor in chosen.items()
+                if math.isnan(mean_spread([validation(r) for r in rows[name, batch][factor]])[0])]
+    if diverged:
+        lines += ["", "Every factor tried diverged, so a smaller rate might train: " + ", ".join(diverged) + "."]
     return lines
 
 

@@ -36,7 +36,8 @@ stays that of the tuning seeds alone, so it is made once and never revised. A be
 factor at the edge of those tried may be bettered past it::
 
     widen_edges = 2  # a cell whose best is its largest (smallest) factor tries one more
-                     # beyond it (x4 after x2, x0.25 after x0.5), up to 2 more, then chooses
+                     # beyond it (x4 after x2, x0.25 after x0.5), up to 2 more, then chooses;
+                     # one whose every factor diverged tries below its smallest
 """
 
 from __future__ import annotations

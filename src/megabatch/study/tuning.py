@@ -1,7 +1,7 @@
 """Which learning-rate factor a tuned study's cell chose: the one whose mean validation
 top-1 over the cell's tuning seeds is best. With ``widen_edges``, a best factor at the
 edge of those tried is not a choice yet: the factor one step further out is tried
-first (a best value at the edge of a search says the search was too narrow there;
+first, and below the smallest where every factor tried diverged (a best value at the edge of a search says the search was too narrow there;
 Choi et al. 2019 show optimizer rankings turning on such search spaces). The runner
 reads this to start what a cell needs next, the report to say what each cell reached."""
 
@@ -57,7 +57,9 @@ def choices(spec: StudySpec, results: Sequence[dict[str, Any]]) -> tuple[dict[Ce
     decides once all its tuning seeds have finished at every factor it tried; the best is
     the factor of the best mean validation top-1 (a diverged factor loses; a tie goes to
     the recipe's own rate). That is its choice, for good, unless it is an edge of the
-    factors tried and the spec lets the cell widen (``widen_edges``) once more."""
+    factors tried and the spec lets the cell widen (``widen_edges``) once more. A cell whose
+    every factor diverged widens below its smallest; out of widenings, it keeps the
+    recipe's own rate, diverged."""
     if not spec.tuning:
         return {}, {}
     seeds, rows = spec.whole().cell_seeds(), tuning_rows(spec, results)
@@ -74,9 +76,10 @@ def choices(spec: StudySpec, results: Sequence[dict[str, Any]]) -> tuple[dict[Ce
             return -math.inf if math.isnan(mean) else mean, factor == 1.0
 
         best = max(tried, key=score)
-        at_edge = len(tried) > 1 and best in (tried[0], tried[-1]) and score(best)[0] > -math.inf
-        if at_edge and len(tried) - len(given) < spec.widen_edges:
-            widen[cell] = beyond(tried, best)
+        # every factor diverged: the search went too high, so its edge is the smallest
+        edge = best if score(best)[0] > -math.inf else tried[0]
+        if len(tried) > 1 and edge in (tried[0], tried[-1]) and len(tried) - len(given) < spec.widen_edges:
+            widen[cell] = beyond(tried, edge)
         else:
             chosen[cell] = best
     return chosen, widen
