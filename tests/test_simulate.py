@@ -17,6 +17,7 @@ import pytest
 
 from megabatch.errors import UserError
 from megabatch.simulate import command, hardware, perfmodel
+from megabatch.simulate.bench_file import step_cv
 from megabatch.simulate.perfmodel import Network, Workload
 
 PAPER_TIME_S = 897.9
@@ -94,7 +95,9 @@ def test_2d_torus_matches_hand_computation():
 def test_hierarchical_and_torus_need_whole_nodes():
     with pytest.raises(ValueError, match="whole nodes"):
         perfmodel.allreduce_time(64e6, 12, NET, "2d-torus")
-    assert perfmodel.allreduce_time(64e6, 12, NET, "ring") > 0
+    # the ring takes 12: 2 of its 12 hops leave a node
+    assert perfmodel.allreduce_time(64e6, 12, NET, "ring") == pytest.approx(
+        2 * 11 / 12 * 64e6 / 10e9 + 22 * ((10 / 12) * 2e-6 + (2 / 12) * 10e-6))
 
 
 def test_step_time_adds_compute_exposed_allreduce_and_overhead():
@@ -137,6 +140,18 @@ def test_epoch_boundaries_count_steps():
     assert steps == {"wrap": 32, "partial": 33, "drop": 30}   # ceil(315/10), 3 x 11, 3 x 10
     partial = perfmodel.predict(work, NET, 1, "ring", perfmodel.Schedule(3, 105, "partial"))
     assert partial.total_time_s == pytest.approx(3 * (10 * 0.1 + 0.05))
+
+
+@pytest.mark.parametrize("boundary", ["partial", "drop"])
+def test_a_fractional_run_with_whole_epochs_counts_the_epochs_it_trains(boundary):
+    # partial and drop train whole epochs: 2.5 epochs run 3, and an epoch takes what one does
+    work = Workload(per_gpu_batch=10, images_per_s=100.0, grad_bytes=0.0)
+    whole = perfmodel.predict(work, NET, 1, "ring", perfmodel.Schedule(3, 105, boundary, eval_every=1))
+    part = perfmodel.predict(work, NET, 1, "ring", perfmodel.Schedule(2.5, 105, boundary, eval_every=1))
+    assert part.steps == whole.steps and part.eval_time_s == whole.eval_time_s > 0
+    assert part.epoch_time_s == pytest.approx(whole.epoch_time_s) and part.epochs == 3
+    wrap = perfmodel.predict(work, NET, 1, "ring", perfmodel.Schedule(2.5, 105, "wrap"))
+    assert wrap.steps == 27 and wrap.epoch_time_s == pytest.approx(27 * 0.1 / 2.5)
 
 
 # --- monotonic behaviour over every algorithm and preset ------------------------------
@@ -187,6 +202,8 @@ def test_fp16_is_never_slower_than_fp32(preset, algorithm, gpus):
         times[dtype] = perfmodel.predict(work, net, gpus, algorithm, schedule)
     assert times["fp16"].step.allreduce_s <= times["fp32"].step.allreduce_s
     assert times["fp16"].total_time_s <= times["fp32"].total_time_s
+    if gpus > 1:  # half the bytes on the wire: strictly less time there
+        assert times["fp16"].step.allreduce_s < times["fp32"].step.allreduce_s
 
 
 @pytest.mark.parametrize("preset", hardware.PRESETS)
@@ -251,6 +268,9 @@ def test_table_output(capsys):
     assert command.run(parse("--preset", "mn1")) == 0
     out = capsys.readouterr().out
     assert "scaling efficiency" in out and "MN-1" in out
+    assert "  GPUs                1024 = 128 node(s) x 8, global batch 32,768, 3,519 steps" in out
+    assert command.run(parse("--preset", "mn1", "--gpus", "12")) == 0  # a node not full
+    assert "  GPUs                12 on 2 node(s) (8 x 1 + 4), global batch 384" in capsys.readouterr().out
 
 
 def write_bench(path: Path, steps: list) -> str:
@@ -287,6 +307,23 @@ def test_from_bench_errors_are_one_line(tmp_path, content, message):
     assert "\n" not in str(err.value)
 
 
+def test_from_bench_takes_the_benchs_model_and_each_entrys_step_count(tmp_path):
+    # the small CNN's bench writes its model and, per entry, the steps of each repeat
+    path = tmp_path / "small-cnn.json"
+    rates = [7900.0, 8000.0, 8150.0]
+    path.write_text(json.dumps({"device": "cpu", "model": "small-cnn", "settings": {"steps": None},
+                                "train_step": [{"name": "x", "images_per_s": 8000.0, "batch_size": 2048,
+                                                "steps_per_repeat": 3, "per_repeat": rates}]}))
+    result = simulate("--preset", "dgx-h100", "--gpus", "64", "--from-bench", str(path))
+    assert result["inputs"]["model"] == "small-cnn"
+    assert result["inputs"]["parameters"] == hardware.MODELS["small-cnn"]
+    assert result["inputs"]["step_cv"] == pytest.approx(step_cv(rates, 3)) and step_cv(rates, 3) != 0.053
+    assert simulate("--preset", "dgx-h100", "--from-bench", str(path), "--model", "small-cnn")["inputs"][
+        "model"] == "small-cnn"
+    with pytest.raises(UserError, match="timed small-cnn, not --model resnet50: leave out --model"):
+        command.run(parse("--preset", "dgx-h100", "--from-bench", str(path), "--model", "resnet50"))
+
+
 def test_from_bench_unknown_entry_and_conflicting_flags(tmp_path):
     bench = write_bench(tmp_path / "bench.json", [{"name": "a", "images_per_s": 10.0}])
     with pytest.raises(UserError, match="choose one of a"):
@@ -321,7 +358,18 @@ def test_plot_is_written(tmp_path, capsys):
     (["--epoch-boundary", "sometimes"], "unknown --epoch-boundary"),
     (["--sweep-gpus", "1,x"], "--sweep-gpus '1,x' must be comma-separated whole numbers"),
     (["--sweep-gpus", "8,0"], "whole numbers of at least 1, e.g. 1,8,64,512,1024"),
-    (["--dataset-size", "1000", "--epoch-boundary", "drop"], "global batch"),
+    (["--dataset-size", "1000", "--epoch-boundary", "drop"], "exceeds the dataset of 1,000 and drop skips it"),
+    (["--epochs", "1e-12"], "less than one step; give more epochs"),
+    (["--epochs", "inf"], "--epochs must be positive and finite, not inf"),
+    (["--epochs", "nan"], "--epochs must be positive and finite"),
+    (["--images-per-sec-per-gpu", "inf"], "positive and finite"),
+    (["--overhead-ms", "inf"], "zero or more and finite"),
+    (["--step-cv", "inf"], "zero or more and finite"),
+    (["--latency-us", "inf"], "zero or more and finite"),
+    (["--input-images-per-sec-per-node", "inf"], "positive and finite"),
+    (["--model", "inf"], "unknown --model"),
+    (["--model", "1e400"], "unknown --model"),
+    (["--eval-every", "1e-300"], "more often than every training step"),
 ])
 def test_nonsense_is_a_user_error(argv, message):
     with pytest.raises(UserError, match=message):

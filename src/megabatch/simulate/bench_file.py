@@ -2,7 +2,8 @@
 
 From the chosen train-step entry it takes the images/s, the batch, and the spread of
 one step's time. The bench times ``repeats`` runs of ``settings.steps`` steps each and
-records each run's images/s under ``per_repeat``; if one step's time has coefficient
+records each run's images/s under ``per_repeat`` (the small CNN's bench: each entry's
+``steps_per_repeat`` steps); if one step's time has coefficient
 of variation c and the steps are independent, a run's mean has c / sqrt(steps), so
 
     step CV = stdev(1/rate) / mean(1/rate) * sqrt(steps)     over the repeats.
@@ -27,7 +28,9 @@ class BenchReading:
     source: str
     batch: int | None
     step_cv: float | None
-    """None when the entry has fewer than two repeats or the file no step count."""
+    """None when the entry has fewer than two repeats or no step count."""
+    model: str | None
+    """The model the bench timed (``"model"``), if the file says."""
 
 
 def step_cv(rates: list[float], steps: int) -> float:
@@ -40,7 +43,8 @@ def read_bench(path: str, entry: str | None) -> BenchReading:
     """Read a ``megabatch bench`` JSON result:
     ``{"device": str, "train_step": [{"name": str, "images_per_s": float, ...}]}``;
     the fastest entry unless ``entry`` names one; ``batch_size``, ``per_repeat`` and
-    ``settings.steps`` are optional."""
+    the entry's ``steps_per_repeat`` (or the file's ``settings.steps``) and ``model`` are
+    optional."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as err:
@@ -71,13 +75,17 @@ def read_bench(path: str, entry: str | None) -> BenchReading:
     batch = batch if _whole(batch) else None
     rates = chosen.get("per_repeat")
     settings = data.get("settings")
-    per_run = settings.get("steps") if isinstance(settings, dict) else None
+    per_run = chosen.get("steps_per_repeat")
+    if per_run is None and isinstance(settings, dict):
+        per_run = settings.get("steps")
     cv = None
     if isinstance(rates, list) and len(rates) >= 2 and all(_positive(r) for r in rates) \
             and _whole(per_run):
         cv = step_cv(rates, per_run)
+    model = data.get("model")
     return BenchReading(float(chosen["images_per_s"]),
-                        f"{path}: {chosen['name']} on {data['device']}", batch, cv)
+                        f"{path}: {chosen['name']} on {data['device']}", batch, cv,
+                        model if isinstance(model, str) else None)
 
 
 def _positive(value: object) -> bool:

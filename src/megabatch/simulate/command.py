@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 
 from megabatch import flags
@@ -37,8 +38,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="take the per-GPU images/s, batch and step-time spread from a `megabatch bench` result")
     add("--bench-entry", metavar="NAME", help="train_step entry of --from-bench (the fastest)")
     add("--per-gpu-batch", type=int, metavar="N", help="images per GPU per step")
-    add("--model", default="resnet50", metavar="NAME|COUNT",
-        help=f"{', '.join(hardware.MODELS)}, or a parameter count (resnet50)")
+    add("--model", metavar="NAME|COUNT",
+        help=f"{', '.join(hardware.MODELS)}, or a parameter count (default: the --from-bench file's "
+             "model, else resnet50)")
     add("--comm-dtype", metavar="DTYPE", help="gradient dtype on the wire: fp32, fp16 or bf16")
     add("--allreduce", metavar="ALGORITHM", help="ring, hierarchical, 2d-torus or tree")
     add("--intra-node-gbps", type=float, metavar="X",
@@ -48,6 +50,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add("--latency-us", type=float, metavar="X", help="latency of one all-reduce step across nodes, us")
     add("--intra-latency-us", type=float, metavar="X",
         help="latency of one all-reduce step inside a node, us")
+    add("--memory-gbs", type=float, metavar="X",
+        help="one GPU's memory bandwidth, GB/s (prices the default --overhead-ms)")
     add("--overlap", type=float, metavar="F",
         help="share of backward the all-reduce can hide behind, 0 to 1 (0: after backward)")
     add("--overhead-ms", type=float, metavar="X",
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         predictions = [inputs.predict(gpus) for gpus in counts]
     except ValueError as err:
-        raise UserError(f"{err}; use fewer GPUs, a smaller batch or --epoch-boundary wrap") from None
+        raise UserError(str(err)) from None
     if args.plot:
         report.plot(predictions, inputs.title, args.plot)
     if args.json:
@@ -150,7 +154,13 @@ def resolve(args: argparse.Namespace) -> tuple[Inputs, dict[str, dict]]:
         flag = getattr(args, name, None)
         if flag is not None:
             values[name], sources[name] = flag, f"--{name.replace('_', '-')}"
-    parameters, sources["parameters"] = _parameters(args.model)
+    model = args.model or "resnet50"
+    if args.from_bench and bench.model is not None:
+        if args.model is not None and args.model != bench.model:
+            raise UserError(f"--from-bench {args.from_bench} timed {bench.model}, not --model {args.model}: "
+                            f"leave out --model, or bench {args.model}")
+        model = bench.model
+    parameters, sources["parameters"] = _parameters(model)
     comm = values["comm_dtype"]
     if comm not in perfmodel.BYTES_PER_ELEMENT:
         raise UserError(f"unknown --comm-dtype {comm!r}: choose fp32, fp16 or bf16")
@@ -161,7 +171,7 @@ def resolve(args: argparse.Namespace) -> tuple[Inputs, dict[str, dict]]:
     else:
         sources["overhead_ms"] = "--overhead-ms"
     inputs = Inputs(
-        title=preset.title, model=args.model, parameters=parameters, overhead_ms=overhead,
+        title=preset.title, model=model, parameters=parameters, overhead_ms=overhead,
         epochs=args.epochs, dataset_size=args.dataset_size, epoch_boundary=args.epoch_boundary,
         eval_every=args.eval_every, val_size=args.val_size,
         **{name: values[name] for name in values})
@@ -177,7 +187,7 @@ def _parameters(model: str) -> tuple[int, str]:
         count = float(model)
     except ValueError:
         count = None
-    if count is None or not count >= 1 or count != int(count):
+    if count is None or not 1 <= count < math.inf or count != int(count):
         raise UserError(f"unknown --model {model!r}: give one of {', '.join(hardware.MODELS)} "
                         "or a parameter count such as 25557032")
     return int(count), "--model"
@@ -191,17 +201,17 @@ def _validate(inputs: Inputs) -> None:
                 "intra_node_gbps", "inter_node_gbps", "memory_gbs", "epochs", "dataset_size",
                 "val_size"]
     for name in positive:
-        if not getattr(inputs, name) > 0:
-            raise UserError(f"{flag(name)} positive, not {getattr(inputs, name)}")
+        if not 0 < getattr(inputs, name) < math.inf:
+            raise UserError(f"{flag(name)} positive and finite, not {getattr(inputs, name)}")
     for name in ["intra_latency_us", "latency_us", "overhead_ms", "eval_every", "step_cv",
                  "collective_overhead_us"]:
-        if not getattr(inputs, name) >= 0:
-            raise UserError(f"{flag(name)} zero or more, not {getattr(inputs, name)}")
+        if not 0 <= getattr(inputs, name) < math.inf:
+            raise UserError(f"{flag(name)} zero or more and finite, not {getattr(inputs, name)}")
     if not 0 <= inputs.overlap <= 1:
         raise UserError(f"--overlap is a share of the backward pass, 0 to 1, not {inputs.overlap}")
     loader = inputs.input_images_per_sec_per_node
-    if loader is not None and not loader > 0:
-        raise UserError(f"{flag('input_images_per_sec_per_node')} positive, not {loader}")
+    if loader is not None and not 0 < loader < math.inf:
+        raise UserError(f"{flag('input_images_per_sec_per_node')} positive and finite, not {loader}")
     if inputs.allreduce not in perfmodel.ALGORITHMS:
         raise UserError(f"unknown --allreduce {inputs.allreduce!r}: "
                         "choose ring, hierarchical, 2d-torus or tree")

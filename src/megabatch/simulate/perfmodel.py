@@ -28,9 +28,10 @@ Across ``N`` nodes of ``g`` GPUs (docs/performance-model.md derives each one):
                   (with the node's whole bandwidth), chain-broadcast back
     2d-torus      reduce-scatter inside the node, g concurrent rings across the N
                   nodes on n/g bytes each (sharing the node's bandwidth), all-gather
-    tree          chain-reduce to one GPU per node, a pipelined binary tree over the
-                  N node leaders (NCCL's tree; SHARP reduces in the switches, shallower
-                  still), chain-broadcast back
+    tree          NCCL's tree: one pipeline, a chain through the node's GPUs into a
+                  binary tree over the N nodes, up and down: B = min(B_intra, B_node),
+                  latency (g-1) a_intra + floor(log2 N) a_inter each way (SHARP reduces
+                  in the switches, shallower still)
 
 On one node every algorithm is the intra-node ring. Efficiencies compare
 throughputs computed with these same equations at 1 GPU and at 1 node.
@@ -76,13 +77,9 @@ def chain(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
     return nbytes / bandwidth + (ranks - 1) * latency
 
 
-def binary_tree(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
-    """Seconds for a pipelined all-reduce up and down a binary tree of ``ranks``: each
-    phase moves the whole buffer once (NCCL's two trees share the load) and fills the
-    pipeline in ``ceil(log2 ranks)`` hops."""
-    if ranks <= 1:
-        return 0.0
-    return 2 * (nbytes / bandwidth + math.ceil(math.log2(ranks)) * latency)
+def tree_depth(ranks: int) -> int:
+    """Hops from the root to the deepest leaf of a complete binary tree of ``ranks``."""
+    return ranks.bit_length() - 1
 
 
 @lru_cache(maxsize=None)
@@ -141,10 +138,17 @@ def allreduce_time(nbytes: float, gpus: int, net: Network, algorithm: str) -> fl
         return ring_allreduce(nbytes, gpus, min(net.intra_node_bw, net.inter_node_bw), latency)
     if gpus % per_node:
         raise ValueError(f"{algorithm} needs whole nodes: {gpus} GPUs is not a multiple of {per_node}")
-    if algorithm in ("hierarchical", "tree"):
+    if algorithm == "hierarchical":
         intra = chain(nbytes, per_node, net.intra_node_bw, net.intra_latency)
-        across = ring_allreduce if algorithm == "hierarchical" else binary_tree
-        return 2 * intra + across(nbytes, nodes, net.inter_node_bw, net.inter_latency)
+        return 2 * intra + ring_allreduce(nbytes, nodes, net.inter_node_bw, net.inter_latency)
+    if algorithm == "tree":
+        # NCCL's tree is one pipeline, up and down: a chain through the node's GPUs into a
+        # binary tree over the nodes (its two trees share the load, so each direction moves
+        # the buffer once), so the slowest link sets the bandwidth, and a chunk's latency
+        # is the chain's hops and the tree's depth.
+        bandwidth = min(net.intra_node_bw, net.inter_node_bw)
+        hops = (per_node - 1) * net.intra_latency + tree_depth(nodes) * net.inter_latency
+        return 2 * (nbytes / bandwidth + hops)
     # 2d-torus: the node's g vertical rings run at once and share its bandwidth.
     intra = reduce_scatter(nbytes, per_node, net.intra_node_bw, net.intra_latency)
     vertical = ring_allreduce(nbytes / per_node, nodes, net.inter_node_bw / per_node,
@@ -288,6 +292,11 @@ class Prediction:
         }
 
 
+def epochs_run(schedule: Schedule) -> float:
+    """The epochs a run trains: ``epochs`` when the loader wraps, whole epochs otherwise."""
+    return schedule.epochs if schedule.epoch_boundary == "wrap" else math.ceil(schedule.epochs)
+
+
 def train_steps(gpus: int, work: Workload, schedule: Schedule) -> list[tuple[int, float]]:
     """(count, images per GPU) pairs making up the run's training steps."""
     global_batch = gpus * work.per_gpu_batch
@@ -296,7 +305,7 @@ def train_steps(gpus: int, work: Workload, schedule: Schedule) -> list[tuple[int
         # 1e-9 keeps an exact whole number of steps from rounding up through float error.
         return [(math.ceil(schedule.epochs * schedule.dataset_size / global_batch - 1e-9),
                  work.per_gpu_batch)]
-    epochs = math.ceil(schedule.epochs)
+    epochs = epochs_run(schedule)
     steps = [(full * epochs, work.per_gpu_batch)]
     if schedule.epoch_boundary == "partial" and rest:
         steps.append((epochs, math.ceil(rest / gpus)))
@@ -312,13 +321,21 @@ def predict(work: Workload, net: Network, gpus: int, algorithm: str,
     groups = [(count, step_time(work, net, gpus, algorithm, images))
               for count, images in train_steps(gpus, work, schedule)]
     steps = sum(count for count, _ in groups)
+    if steps == 0 and schedule.epoch_boundary == "wrap":
+        raise ValueError(f"the run has no training step: {schedule.epochs:g} epochs of "
+                         f"{schedule.dataset_size:,} images are less than one step; give more epochs")
     if steps == 0:
-        raise ValueError("the run has no training step: the global batch exceeds the dataset")
+        raise ValueError(f"the run has no training step: the global batch of {gpus * work.per_gpu_batch:,} "
+                         f"exceeds the dataset of {schedule.dataset_size:,} and drop skips it; use fewer "
+                         "GPUs, a smaller batch or --epoch-boundary wrap")
     train = StepTime(*(sum(count * getattr(part, name) for count, part in groups)
                        for name in StepTime.__dataclass_fields__))
     evaluation = 0.0
     if schedule.eval_every > 0:
-        passes = math.floor(schedule.epochs / schedule.eval_every + 1e-9)
+        passes = math.floor(epochs_run(schedule) / schedule.eval_every + 1e-9)
+        if passes > steps:
+            raise ValueError(f"evaluating every {schedule.eval_every:g} epochs is more often than every "
+                             f"training step ({steps:,}); give a larger --eval-every, or 0 for none")
         per_gpu = math.ceil(schedule.val_size / gpus)
         evaluation = passes * per_gpu / (EVAL_SPEEDUP * work.images_per_s)
     node = net.gpus_per_node
@@ -332,5 +349,5 @@ def predict(work: Workload, net: Network, gpus: int, algorithm: str,
         train=train, eval_time_s=evaluation, images_per_s=images_per_s,
         efficiency_vs_1gpu=images_per_s / (gpus * one_gpu),
         efficiency_vs_1node=images_per_s / (gpus / node * one_node) if gpus >= node else None,
-        epochs=schedule.epochs,
+        epochs=epochs_run(schedule),
     )

@@ -47,11 +47,17 @@ def header(inputs: Inputs) -> list[str]:
     ]
 
 
+def _layout(gpus: int, nodes: int, per_node: int) -> str:
+    """How ``gpus`` sit on their nodes: 16 = 2 node(s) x 8; 12 on 2 node(s) (8 + 4)."""
+    if gpus <= per_node or gpus % per_node == 0:
+        return f"{gpus} = {nodes} node(s) x {min(gpus, per_node)}"
+    return f"{gpus} on {nodes} node(s) ({per_node} x {nodes - 1} + {gpus % per_node})"
+
+
 def table(inputs: Inputs, pred: perfmodel.Prediction) -> str:
     step = pred.step
     lines = header(inputs) + [
-        f"  GPUs                {pred.gpus} = {pred.nodes} node(s) x "
-        f"{min(pred.gpus, inputs.gpus_per_node)}, global batch "
+        f"  GPUs                {_layout(pred.gpus, pred.nodes, inputs.gpus_per_node)}, global batch "
         f"{pred.gpus * inputs.per_gpu_batch:,}, {pred.steps:,} steps",
         "",
         f"  step           {_ms(step.total_s)}",
