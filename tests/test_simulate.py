@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megabatch.errors import UserError
-from megabatch.simulate import command, hardware, perfmodel
+from megabatch.simulate import command, fit, hardware, perfmodel
 from megabatch.simulate.bench_file import step_cv
 from megabatch.simulate.perfmodel import Network, Workload
 
@@ -317,7 +317,7 @@ def test_from_bench_takes_the_benchs_model_and_each_entrys_step_count(tmp_path):
     result = simulate("--preset", "dgx-h100", "--gpus", "64", "--from-bench", str(path))
     assert result["inputs"]["model"] == "small-cnn"
     assert result["inputs"]["parameters"] == hardware.MODELS["small-cnn"]
-    assert result["inputs"]["step_cv"] == pytest.approx(step_cv(rates, 3)) and step_cv(rates, 3) != 0.053
+    assert result["inputs"]["step_cv"] == pytest.approx(step_cv(rates, 3)) and step_cv(rates, 3) != fit.FITTED.step_cv
     assert simulate("--preset", "dgx-h100", "--from-bench", str(path), "--model", "small-cnn")["inputs"][
         "model"] == "small-cnn"
     with pytest.raises(UserError, match="timed small-cnn, not --model resnet50: leave out --model"):

@@ -182,7 +182,8 @@ def resolve(args: argparse.Namespace) -> tuple[Inputs, dict[str, dict]]:
 
 def _parameters(model: str) -> tuple[int, str]:
     if model in hardware.MODELS:
-        return hardware.MODELS[model], f"{model} as torchvision builds it"
+        return hardware.MODELS[model], (f"{model} as torchvision builds it" if model.startswith("resnet")
+                                        else f"{model} as megabatch builds it (megabatch.models)")
     try:
         count = float(model)
     except ValueError:

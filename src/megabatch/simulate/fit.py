@@ -15,7 +15,7 @@ inferred from that, :class:`~megabatch.simulate.records.NodeFigure`): elsewhere 
 device figure is borrowed from other software, and the fit would price its error as
 stragglers. Efficiencies always inform it: the device figure mostly cancels out of them
 (compute and stragglers scale with it, the wire time does not: MN-1 at 120, 171 and 250
-images/s per GPU gives 77, 74 and 70% against one GPU). Every
+images/s per GPU gives 77, 74 and 69% against one GPU). Every
 record is predicted either way. The minimum is found by a grid, then Nelder-Mead inside
 the bounds, deterministically.
 """
