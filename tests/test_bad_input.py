@@ -42,6 +42,7 @@ ROWS = [
     (TRAIN + ["--set", "train.precision=fp8"], 2, "train.precision = 'fp8' is not one of"),
     (TRAIN + ["--set", "train.tensorboard=1"], 2, "train.tensorboard must be bool"),
     (TRAIN + ["--set", "model.bn=sync"], 2, "model.bn = 'sync' is not one of"),
+    (TRAIN + ["--set", "model.arch=resnet18"], 2, "model.arch = resnet18 takes 3-channel images, but the data has 1"),
     (["train", "--recipe", "paper-resnet50-imagenet-32k", "--set", "data.resize_size=200"], 2,
      "data.resize_size = 200 is smaller than data.image_size = 224"),
     # data
@@ -53,6 +54,12 @@ ROWS = [
     (["eval", "--checkpoint", "{recipe_file}"], 2, "is not a checkpoint"),
     (["eval", "--checkpoint", "{nan_checkpoint}"], 1, "holds NaN or infinite weights (0.weight)"),
     (["eval", "--checkpoint", "{truncated_checkpoint}"], 2, "truncated or corrupt"),
+    (["eval", "--checkpoint", "{corrupt_checkpoint}"], 2, "fails its checksum); use an earlier checkpoint"),
+    (["eval", "--checkpoint", "{state_dict}"], 2, "is a model's state_dict, not a megabatch checkpoint (no 'model', 'recipe'"),
+    (["eval", "--checkpoint", "{tmp}"], 2, "is a folder: give a checkpoint file in it"),
+    (["eval", "--checkpoint", "{misfit_checkpoint}"], 2, "do not fit the model (size mismatch for 16.weight"),
+    (["noise-scale", "--recipe", "fashion-mnist-demo", "--checkpoint", "{misfit_checkpoint}"], 2,
+     "give the recipe the checkpoint was trained with"),
     (["eval", "--checkpoint", "{good_checkpoint}", "--recompute-bn", "48"], 2,
      "--recompute-bn 48 is not a whole number of workers of 32 images"),
     (["eval", "--checkpoint", "{good_checkpoint}", "--recompute-bn", "-64"], 2,
@@ -78,15 +85,34 @@ def files(tmp_path):
     recipe_file = tmp_path / "recipe.toml"
     recipe_file.write_text('description = "not a checkpoint"\n')
     model = models.create("small-cnn", 10, 1)
-    state = {"model": model.state_dict(), "recipe": {}, "iteration": 1}
+    state = {"model": model.state_dict(), "recipe": {}, "iteration": 1, "epoch": 0}
     good = checkpoint.save(state, tmp_path / "good.pt")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
     nan = tmp_path / "nan.pt"
     state["model"]["0.weight"] = torch.full_like(state["model"]["0.weight"], float("nan"))
     torch.save(state, nan)  # as another tool (or an older megabatch) might have written it
+    bare = tmp_path / "state_dict.pt"
+    torch.save(model.state_dict(), bare)  # what a training script of one's own saves
+    misfit = checkpoint.save({**state, "model": models.create("small-cnn", 5, 1).state_dict()}, tmp_path / "misfit.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(flipped(good))
     return {"recipe_file": recipe_file, "good_checkpoint": good, "nan_checkpoint": nan,
-            "truncated_checkpoint": truncated, "tmp": tmp_path}
+            "truncated_checkpoint": truncated, "tmp": tmp_path, "state_dict": bare, "misfit_checkpoint": misfit,
+            "corrupt_checkpoint": corrupt}
+
+
+def flipped(path) -> bytes:
+    """The file's bytes with one byte flipped in the middle of its largest stored tensor."""
+    import struct
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    member = max(zipfile.ZipFile(path).infolist(), key=lambda info: info.file_size)
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26:member.header_offset + 30])
+    start = member.header_offset + 30 + name_length + extra_length
+    data[start + member.file_size // 2] ^= 0x40
+    return bytes(data)
 
 
 @pytest.mark.parametrize("argv, status, words", ROWS, ids=[" ".join(r[0][1:])[:60] for r in ROWS])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +200,34 @@ def test_a_torch_file_that_is_not_a_dict_is_not_a_checkpoint(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(UserError, match="is not a checkpoint"):
         checkpoint.load(tmp_path / "tensor.pt")
+
+
+def test_the_rename_is_flushed_before_the_save_returns(tmp_path, monkeypatch):
+    """Prune deletes older checkpoints after save returns: the new file's folder entry
+    must be on disk by then, or a crash could keep the deletion and lose the rename."""
+    synced = []
+    real = checkpoint.sync_folder
+
+    def record(folder):
+        synced.append((folder, sorted(p.name for p in folder.iterdir())))
+        real(folder)
+
+    monkeypatch.setattr(checkpoint, "sync_folder", record)
+    checkpoint.save({"v": torch.tensor(1)}, tmp_path / "new" / "step-00000001.pt")
+    assert synced == [(tmp_path, ["new"]), (tmp_path / "new", ["step-00000001.pt"])]
+
+
+def test_prune_ignores_what_is_not_a_checkpoint_file_and_reports_what_it_cannot_delete(tmp_path, monkeypatch):
+    (tmp_path / "step-00000001.pt").mkdir()  # not a file: not a checkpoint
+    for it in (2, 3, 4):
+        checkpoint.save({"iteration": it}, checkpoint.step_path(tmp_path, it))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "step-00000002.pt", "step-00000003.pt", "step-00000004.pt"]
+
+    def refuse(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    assert checkpoint.prune(tmp_path, 2) == ["step-00000002.pt (Permission denied)"]
+    monkeypatch.undo()
+    assert checkpoint.prune(tmp_path, 2) == [] and len(checkpoint.list_checkpoints(tmp_path)) == 2

@@ -329,10 +329,53 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_ends_like_an_un
     assert_same_model(final_state(reference), final_state(out))
 
 
+def run_state(iteration: int) -> dict:
+    return {"model": {}, "recipe": {}, "iteration": iteration, "epoch": 0}
+
+
+def _choosing_worker(rank: int, init_file: str, run_dir: str, unreadable: bool, results) -> None:
+    """Rank 1's listing lags (a shared disk): it sees step 3 alone. With ``unreadable``, it
+    cannot read the file rank 0 chose either."""
+    from megabatch import build
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            listing = checkpoint.list_checkpoints
+            checkpoint.list_checkpoints = lambda folder: listing(folder)[:1]
+            if unreadable:
+                def load(path, **kwargs):
+                    raise UserError(f"checkpoint {path} does not exist")
+                checkpoint.load = load
+        try:
+            results[rank] = build.chosen_checkpoint(Path(run_dir), DistInfo(rank, 2, rank, "test"))["iteration"]
+        except UserError as e:
+            results[rank] = str(e)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("unreadable", [False, True])
+def test_every_process_resumes_from_the_checkpoint_rank_0_chose(tmp_path, unreadable):
+    for it in (3, 6):
+        checkpoint.save(run_state(it), checkpoint.step_path(tmp_path / "checkpoints", it))
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_choosing_worker, args=(str(tmp_path / "init"), str(tmp_path), unreadable, results), nprocs=2)
+        results = dict(results)
+    if not unreadable:
+        assert results == {0: 6, 1: 6}  # not 3 on rank 1: a step that mixed the two would be wrong
+    else:
+        message = (f"not every process can read the checkpoint rank 0 chose, {tmp_path}/checkpoints/step-00000006.pt: "
+                   f"rank 1: checkpoint {tmp_path}/checkpoints/step-00000006.pt does not exist")
+        assert results == {0: message, 1: message}
+
+
 def test_truncated_newest_checkpoint_is_skipped(tmp_path):
     folder = tmp_path / "checkpoints"
     for it in (3, 6):
-        checkpoint.save({"iteration": it}, checkpoint.step_path(folder, it))
+        checkpoint.save(run_state(it), checkpoint.step_path(folder, it))
     newest = checkpoint.step_path(folder, 6)
     newest.write_bytes(newest.read_bytes()[:100])
     notes = []

@@ -322,6 +322,135 @@ def test_a_resumed_run_keeps_the_provenance_of_every_earlier_attempt(tmp_path, f
     assert (out / "recipe.toml").read_text() == recipe  # still says where it came from
 
 
+SMALL = ["--set", "train.checkpoint_every=1", "--set", "data.train_subset=512", "--set", "data.test_subset=200",
+         "--set", "batch.global_batch=256", "--set", "train.epochs=2", "--set", "train.precision=fp32",
+         "--set", "train.keep_checkpoints=10"]
+
+
+def cut_short(out, iteration: int) -> None:
+    """The run as a crash after ``iteration`` leaves it: no final.pt, no later checkpoint."""
+    (out / "final.pt").unlink()
+    for path in checkpoint.list_checkpoints(out / "checkpoints"):
+        if checkpoint.load(path)["iteration"] > iteration:
+            path.unlink()
+
+
+def test_a_resume_refuses_a_recipe_that_computes_something_else(tmp_path, capsys, fashion_dir):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), *SMALL]) == 0
+    cut_short(out, 2)
+    toml = out / "recipe.toml"
+    kept = toml.read_text()
+    toml.write_text(kept.replace("global_batch = 256", "global_batch = 128").replace("seed = 0", "seed = 3"))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("the recipe differs from the one step-00000002.pt was trained with "
+                                     "(batch.global_batch 256 -> 128, train.seed 0 -> 3): put those values back "
+                                     f"in {toml}, or start a new run with --out") in err
+    assert not (out / "final.pt").exists()
+    # where and how it runs may change: more checkpoints kept, another worker count
+    toml.write_text(kept.replace("keep_checkpoints = 10", "keep_checkpoints = 3").replace("workers = 6", "workers = 0"))
+    assert main(["train", "--resume", str(out)]) == 0
+    final = checkpoint.load(out / "final.pt")
+    assert final["recipe"]["name"] == "fashion-mnist-demo"  # not RUN/recipe.toml
+    assert final["recipe"]["train"]["keep_checkpoints"] == 3
+
+
+def test_a_resume_survives_a_metrics_line_cut_short_or_lost(tmp_path, capsys, fashion_dir):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), *SMALL]) == 0
+    whole = (out / "metrics.jsonl").read_text().splitlines()
+    cut_short(out, 4)  # the end of epoch 2: its checkpoint holds its metrics
+    (out / "metrics.jsonl").write_text(whole[0] + "\n" + whole[1][:40])  # the crash cut epoch 2's line
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 0
+    assert "dropping the last line of" in capsys.readouterr().out
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    cut_short(out, 4)
+    (out / "metrics.jsonl").write_text(whole[0] + "\n")  # the line never written
+    assert main(["train", "--resume", str(out)]) == 0
+    assert (out / "metrics.jsonl").read_text().splitlines() == whole
+    (out / "metrics.jsonl").write_text("{oops\n" + whole[1] + "\n")
+    cut_short(out, 4)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2
+    assert f"{out / 'metrics.jsonl'}:1 is not a JSON line" in capsys.readouterr().err
+
+
+def test_a_log_that_cannot_be_written_still_leaves_the_epochs_checkpoint(tmp_path, capsys, fashion_dir,
+                                                                        monkeypatch):
+    import builtins
+
+    out = tmp_path / "run"
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    assert main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not append epoch 1 to" in err and "No space left on device" in err
+    assert "step-00000002.pt and holds this epoch's metrics" in err
+    assert checkpoint.load(checkpoint.step_path(out / "checkpoints", 2))["metrics"]["epoch"] == 1
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert main(["train", "--resume", str(out)]) == 0
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_an_old_checkpoint_that_cannot_be_deleted_is_a_warning(tmp_path, capsys, fashion_dir, monkeypatch):
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    real_unlink = Path.unlink
+
+    def refuse(self, missing_ok=False):
+        if self.name.startswith("step-"):
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    assert main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), *SMALL,
+                 "--set", "train.keep_checkpoints=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "could not delete the older checkpoint(s) step-00000001.pt (Permission denied)" in printed
+    assert (out / "final.pt").exists()
+
+
+def test_a_stop_asked_for_during_the_evaluation_trains_no_more(tmp_path, capsys, fashion_dir, monkeypatch):
+    import megabatch.train as trainer
+    from megabatch.errors import Preempted
+
+    out = tmp_path / "run"
+    real_evaluate, asked = trainer.evaluate, []
+
+    def evaluate_then_signal(*args, **kwargs):
+        asked.append(True)  # the signal handler's flag, set while the test set is evaluated
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate_then_signal)
+    monkeypatch.setattr("megabatch.build.stop_on_signals", lambda: _flag(asked))
+    assert main(["train", "--recipe", "fashion-mnist-demo", "--out", str(out), *SMALL]) == Preempted.exit_code
+    assert "stopped by a signal after epoch 1, iteration 2" in capsys.readouterr().err
+    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-00000001.pt", "step-00000002.pt"]
+
+
+class _flag:
+    """A stand-in for stop_on_signals: the stop is requested once ``asked`` is not empty."""
+
+    def __init__(self, asked: list) -> None:
+        self.asked = asked
+
+    def __enter__(self):
+        return lambda: bool(self.asked)
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 def test_validation_images_are_held_out_of_training_and_evaluated(tmp_path, capsys, fashion_dir):
     """data.validation_images: the run trains on the rest (fewer steps per epoch), every
     evaluation reports val_top1 beside test_top1, and a study's result row carries it."""

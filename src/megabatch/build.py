@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from megabatch import checkpoint, distributed, models, provenance, schedules
+from megabatch import checkpoint, distributed, metrics_log, models, provenance, schedules
 from megabatch import recipe as recipes
 from megabatch.batching import BatchPlan, max_micro_batch
 from megabatch.data import hold_out, load_datasets
@@ -157,6 +157,8 @@ def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
     resuming), compile, wrap in DDP, and write the run's provenance (rank 0)."""
     device = resolve_device(recipe.train.device, dist)
     recipe = resolve_recipe(recipe, device)
+    if state is not None:
+        recipe = same_recipe(recipe, state, out_dir)
     configure_backends(device, recipe)
     plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch,
                             recipe.batch.micro_batch, dist.world_size, dist.rank,
@@ -202,6 +204,21 @@ def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
     return run
 
 
+def same_recipe(recipe: Recipe, state: dict[str, Any], out_dir: Path) -> Recipe:
+    """The recipe a run continues with: ``recipe`` (its recipe.toml, or a torchrun restart's
+    command), which must compute what the checkpoint's did, under the checkpoint's name."""
+    trained = recipes.from_dict(state["recipe"])
+    changed = recipes.changes(trained, recipe)
+    if changed:
+        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise UserError(f"the recipe differs from the one {Path(state['path']).name} was trained with ({shown}): "
+                        f"put those values back in {out_dir / 'recipe.toml'}, or start a new run with --out; "
+                        f"a resumed run may change only {', '.join(sorted(recipes.RESUMABLE - {'name', 'description'}))}")
+    recipe = copy.deepcopy(recipe)
+    recipe.name = trained.name
+    return recipe
+
+
 def earlier_attempts(path: Path) -> list[dict[str, Any]]:
     """The provenance of every earlier attempt of a resumed run, oldest first, from its
     run.json: a run continued across sessions may span commits and machines."""
@@ -218,7 +235,7 @@ def find_checkpoint(run_dir: Path, log: Callable[[str], Any] | None = None) -> d
     """The newest checkpoint of ``run_dir`` that loads; damaged ones are skipped (and said)."""
     for path in reversed(checkpoint.list_checkpoints(run_dir / "checkpoints")):
         try:
-            state = checkpoint.load(path, require_finite=True)
+            state = checkpoint.load(path, require_finite=True, run_state=True)
         except UserError as e:
             if log:
                 log(f"skipping {path.name}: {e}")
@@ -228,16 +245,42 @@ def find_checkpoint(run_dir: Path, log: Callable[[str], Any] | None = None) -> d
     return None
 
 
+def chosen_checkpoint(run_dir: Path, dist: DistInfo) -> dict[str, Any] | None:
+    """The checkpoint every process continues from: the one rank 0 finds newest (on a shared
+    disk, another node's listing may lag), loaded by each; if any process cannot read it,
+    all stop with the same one-line error."""
+    state = find_checkpoint(run_dir, log=lambda m: print(m, file=sys.stderr)) if dist.is_main else None
+    path = distributed.same_on_all_ranks(state["path"] if state else None, dist)
+    failure = None
+    if path is not None and state is None:
+        try:
+            state = checkpoint.load(path, require_finite=True, run_state=True)
+            state["path"] = path
+        except UserError as e:
+            failure = f"rank {dist.rank}: {e}"
+    failures = [f for f in distributed.gathered(failure, dist) if f]
+    if failures:
+        raise UserError(f"not every process can read the checkpoint rank 0 chose, {path}: {failures[0]}")
+    return state
+
+
 def restore_history(run: Run, state: dict[str, Any]) -> None:
-    """Keep the metrics of the epochs the checkpoint holds; rank 0 rewrites metrics.jsonl."""
+    """Keep the metrics of the epochs the checkpoint holds (its own epoch's from the
+    checkpoint, where metrics.jsonl lost it); rank 0 rewrites metrics.jsonl."""
     metrics = run.out_dir / "metrics.jsonl"
-    if metrics.exists():
-        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        run.history = [m for m in lines if m["epoch"] <= state["epoch"]]
-        if run.dist.is_main:
-            tmp = metrics.with_name(f".metrics.{os.getpid()}.tmp")
-            tmp.write_text("".join(json.dumps(m) + "\n" for m in run.history))
-            os.replace(tmp, metrics)
+    lines = metrics_log.read(metrics, run.progress.info)
+    run.history = [m for m in lines if m["epoch"] <= state["epoch"]]
+    own = state.get("metrics") or {}
+    if own.get("epoch") == state["epoch"] and (not run.history or run.history[-1]["epoch"] < state["epoch"]):
+        run.history.append(own)
+    if run.dist.is_main and (metrics.exists() or run.history):
+        tmp = metrics.with_name(f".metrics.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(m) + "\n" for m in run.history))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, metrics)
+        checkpoint.sync_folder(run.out_dir)
     run.progress.info(f"resuming from {state['path']} (iteration {run.iteration}, "
                       f"{state['epoch']} epochs done)")
 
@@ -275,7 +318,7 @@ def open_run_dir(recipe: Recipe, resume: str | None, out: str | None,
             raise UserError(f"{run_dir} already holds a run: choose another --out folder, or continue it "
                             f"with --resume {run_dir}")
         return run_dir, None
-    state = find_checkpoint(run_dir, log=lambda m: dist.is_main and print(m, file=sys.stderr))
+    state = chosen_checkpoint(run_dir, dist)
     if state is None and resume:
         raise UserError(f"{run_dir} holds no complete checkpoint to resume from")
     if state is None and dist.is_main:  # restarted before the first checkpoint: start over

@@ -4,12 +4,15 @@ A checkpoint holds ``model`` (a plain state_dict that the matching model loads
 with strict loading), ``optimizer``, ``iteration``, ``epoch`` (completed
 epochs), ``recipe`` (the resolved recipe as a dict) and ``rng`` (torch's RNG
 states). It is written to a temporary file in the same folder, flushed to disk
-and renamed, so a crash leaves either the old file or the new one, never half
-of one; the file gets the permissions of any new file (the umask's). A model
+and renamed, and the rename is flushed too (the folder's fsync) before any older
+checkpoint is deleted, so a crash leaves either the old file or the new one, never
+half of one, and never neither; the file gets the permissions of any new file (the umask's). A model
 with a NaN or infinite weight is never written, so every checkpoint on disk is
 one to resume from. A failed write (a full disk) is a one-line
 :class:`CheckpointWriteError` naming the last good checkpoint. Loading uses
-``torch.load(weights_only=True)``, which never runs code stored in a file.
+``torch.load(weights_only=True)``, which never runs code stored in a file, after
+the archive's checksums are read (torch.load does not check them: a flipped bit
+would load as a wrong weight).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from megabatch.errors import CheckpointWriteError, NonFiniteCheckpoint, UserError
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+KEYS = ("model", "recipe", "iteration", "epoch")  # what every megabatch checkpoint holds
 # How torch.save's files begin: a zip archive, or (before torch 1.6) a pickle.
 _MAGIC = (b"PK\x03\x04", b"\x80")
 
@@ -59,7 +63,9 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     created = False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
+            sync_folder(path.parent.parent)
         # os.open applies the umask, as for any new file (mkstemp would make it 0600).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         created = True
@@ -68,6 +74,7 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_folder(path.parent)
     except BaseException as e:
         if created:
             tmp.unlink(missing_ok=True)
@@ -76,6 +83,21 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
             raise
         raise CheckpointWriteError(_write_failure_message(path, cause)) from e
     return path
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename, a new file) to disk, where the file system can."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # folders that cannot be synced
+            raise
+    finally:
+        os.close(fd)
 
 
 def _write_failure(e: BaseException) -> BaseException | None:
@@ -121,10 +143,15 @@ def _some(names: list[str]) -> str:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-         require_finite: bool = False) -> dict[str, Any]:
+         require_finite: bool = False, run_state: bool = False) -> dict[str, Any]:
     """Read a checkpoint without executing code from it; damage is a one-line UserError.
-    ``require_finite``: a non-finite model weight is a :class:`NonFiniteCheckpoint`."""
+    ``require_finite``: a non-finite model weight is a :class:`NonFiniteCheckpoint`;
+    ``run_state``: a file without what ``megabatch train`` writes (:data:`KEYS`), a bare
+    state_dict say, is a UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give a checkpoint file in it, e.g. {path / 'final.pt'} "
+                        f"or {path / 'checkpoints'}/step-*.pt")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
@@ -132,6 +159,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
     if head and not head.startswith(_MAGIC):
         raise UserError(f"{path} is not a checkpoint (not a file written by torch.save): give a .pt file "
                         f"that megabatch train wrote, e.g. RUN_DIR/final.pt or RUN_DIR/checkpoints/step-*.pt")
+    damaged = _bad_member(path) if head.startswith(b"PK") else None
+    if damaged:
+        raise UserError(f"checkpoint {path} is corrupt ({damaged} fails its checksum); use an earlier checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -144,9 +174,34 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict of "
                         f"states): give a .pt file that megabatch train wrote")
+    missing = [key for key in KEYS if key not in state] if run_state else []
+    if missing:
+        what = "a model's state_dict" if all(isinstance(v, torch.Tensor) for v in state.values()) else "a dict"
+        raise UserError(f"{path} is {what}, not a megabatch checkpoint (no {', '.join(map(repr, missing))}): "
+                        f"give RUN_DIR/final.pt or RUN_DIR/checkpoints/step-*.pt that megabatch train wrote")
     if require_finite:
         check_finite(state, path)
     return state
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], path: str | os.PathLike, advice: str) -> None:
+    """Load a checkpoint's ``model`` weights into ``model`` (strictly); weights that do not
+    fit it (other layers, other shapes) are a one-line UserError ending with ``advice``."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+        raise UserError(f"the weights in {path} do not fit the model ({detail}); {advice}") from None
+
+
+def _bad_member(path: Path) -> str | None:
+    """The first member of a torch.save zip archive whose CRC-32 does not match, if any."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):  # truncated: torch.load says so below
+        return None
 
 
 def step_path(folder: str | os.PathLike, iteration: int) -> Path:
@@ -158,11 +213,17 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)),
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name) and p.is_file()),
                   key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def prune(folder: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints."""
+def prune(folder: str | os.PathLike, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` step checkpoints; what could not be deleted
+    (each as "name (reason)") is returned, not raised: the newest ones are safe."""
+    failed = []
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
+        try:
+            old.unlink(missing_ok=True)
+        except OSError as e:
+            failed.append(f"{old.name} ({e.strerror or e})")
+    return failed

@@ -246,3 +246,12 @@ def same_on_all_ranks(value, info: DistInfo):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gathered(value, info: DistInfo) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if not info.distributed:
+        return [value]
+    values = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return values

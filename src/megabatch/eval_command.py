@@ -41,14 +41,15 @@ def run(args: argparse.Namespace) -> int:
     from megabatch.recipe import from_dict
     from megabatch.train import evaluate, recompute_bn_statistics
 
-    state = checkpoint.load(args.checkpoint, require_finite=True)
+    state = checkpoint.load(args.checkpoint, require_finite=True, run_state=True)
     saved = from_dict(state["recipe"])
     device = resolve_device(args.device or saved.train.device)
     recipe = resolve_recipe(saved, device)
     configure_backends(device, recipe)  # the run's arithmetic (train.tf32) and autotuning
     train, test = load_datasets(recipe.data, args.data, device.type)
     model = build_model(recipe, test.channels, len(test.classes), device)
-    model.load_state_dict(state["model"])
+    checkpoint.load_weights(model, state, args.checkpoint, f"its recipe builds model.arch = {recipe.model.arch}: "
+                            "the file was edited or written by another program")
     layout, dtype = memory_format(recipe.train.memory_format), AUTOCAST_DTYPES[recipe.train.precision]
 
     def report(statistics: str) -> None:

@@ -15,6 +15,8 @@ from typing import Callable
 import torchvision
 from torch import nn
 
+from megabatch.errors import UserError
+
 
 def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Sequential:
     """Four conv-BN-ReLU layers (widths w, 2w, 4w, 4w; 2x2 max-pool before the second
@@ -44,7 +46,9 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> n
 def _torchvision(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     def create(num_classes: int = 1000, in_channels: int = 3, zero_init_residual: bool = False):
         if in_channels != 3:
-            raise ValueError(f"{builder.__name__} takes 3-channel images, not {in_channels}")
+            raise UserError(f"model.arch = {builder.__name__} takes 3-channel images, but the data has "
+                            f"{in_channels}: use model.arch = small-cnn for grey images, or RGB data "
+                            "(data.dataset = imagenet)")
         return builder(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
 
     return create

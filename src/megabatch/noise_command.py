@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(recipe, train.channels, len(train.classes), device)
     where = "initialization"
     if args.checkpoint:
-        state = checkpoint.load(args.checkpoint, require_finite=True)
-        model.load_state_dict(state["model"])
+        state = checkpoint.load(args.checkpoint, require_finite=True, run_state=True)
+        checkpoint.load_weights(model, state, args.checkpoint, f"--recipe {args.recipe} builds model.arch = "
+                                f"{recipe.model.arch}: give the recipe the checkpoint was trained with")
         where = f"{args.checkpoint} (iteration {state.get('iteration', '?')})"
 
     def batches():  # whole global batches in the recipe's data order, unaugmented

@@ -324,6 +324,26 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
     return dataclasses.asdict(recipe)
 
 
+# What a resumed run may change: where its data lives, how often it keeps, evaluates and
+# logs, and how it runs on its machine, none of which changes the numbers it trains on.
+RESUMABLE = frozenset({
+    "name", "description", "data.path", "data.workers", "data.decoder", "train.keep_checkpoints",
+    "train.checkpoint_every", "train.eval_every", "train.tensorboard", "train.device", "train.max_steps",
+    "train.compile", "train.compile_mode", "train.cudnn_benchmark", "train.memory_format"})
+
+
+def changes(before: Recipe, after: Recipe) -> list[str]:
+    """"key old -> new" for each value of ``after`` that differs from ``before``, except
+    those a resumed run may change (:data:`RESUMABLE`)."""
+    def flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        return {key: value for k, v in table.items()
+                for key, value in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+
+    old, new = flat(to_dict(before)), flat(to_dict(after))
+    return [f"{key} {tomlfile.value(old[key])} -> {tomlfile.value(new[key])}" for key in old
+            if key not in RESUMABLE and old[key] != new[key]]
+
+
 def to_toml(recipe: Recipe) -> str:
     """The resolved recipe as TOML that :func:`load` reads back to the same values."""
     data = to_dict(recipe)

@@ -239,9 +239,13 @@ def save_checkpoint(run: Run, epochs_done: int) -> None:
     if run.dist.is_main:
         try:
             checkpoint.save(run.state_dict(epochs_done), checkpoint.step_path(run.checkpoint_dir, run.iteration))
-            checkpoint.prune(run.checkpoint_dir, run.recipe.train.keep_checkpoints)
         except CheckpointWriteError as e:
             failure = e
+        else:
+            kept = checkpoint.prune(run.checkpoint_dir, run.recipe.train.keep_checkpoints)
+            if kept:
+                run.progress.info(f"megabatch: warning: could not delete the older checkpoint(s) "
+                                  f"{', '.join(kept)}; the new one is written; training goes on")
     if run.dist.distributed:
         failed = all_reduce_sum(torch.full((), float(failure is not None), device=run.device), run.dist).item()
         if failed and failure is None:
@@ -281,8 +285,19 @@ def fit(run: Run) -> dict[str, Any]:
         report_unreadable(run, epoch, metrics)
         metrics.update(iteration=run.iteration, wall_time_s=time.perf_counter() - wall_start)
         run.history.append(metrics)
-        log_epoch(run, metrics)
+        # A failed append (a full disk) must not cost the epoch's checkpoint, which holds
+        # this epoch's metrics too: it is raised once the checkpoint was tried.
+        failure = log_epoch(run, metrics)
         save_checkpoint(run, epochs_done=epoch + 1)
+        # Agreed by all: a failed log (rank 0's), and a stop asked for during the evaluation
+        # or the checkpoint (not one more step).
+        late = all_reduce_sum(torch.tensor([float(failure is not None), float(run.stop_requested())],
+                                           device=run.device), run.dist)
+        if late[0] > 0:
+            raise CheckpointWriteError(f"{failure or 'rank 0 could not append to metrics.jsonl'}; {last_good(run)} "
+                                       f"and holds this epoch's metrics; fix the disk, then continue with "
+                                       f"--resume {run.out_dir}")
+        stop = stop or bool(late[1] > 0)
         if stop and not done:
             raise Preempted(f"stopped by a signal after epoch {epoch + 1}, iteration {run.iteration}; "
                             f"{last_good(run)}; continue with: megabatch train --resume {run.out_dir}")
@@ -310,11 +325,16 @@ def report_unreadable(run: Run, epoch: int, metrics: dict[str, Any]) -> None:
         run.progress.info(f"epoch {epoch + 1}: {count} unreadable image(s) replaced by readable ones{example}")
 
 
-def log_epoch(run: Run, metrics: dict[str, Any]) -> None:
+def log_epoch(run: Run, metrics: dict[str, Any]) -> str | None:
+    """Rank 0 appends the epoch to metrics.jsonl and prints it; why an append failed is returned."""
     if not run.dist.is_main:
-        return
-    with open(run.out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+        return None
+    path = run.out_dir / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    except OSError as e:
+        return f"could not append epoch {metrics['epoch']} to {path} ({e.strerror or e})"
     if run.log:
         run.log({k: v for k, v in metrics.items() if k.startswith(("test_", "val_", "noise", "grad_"))},
                 run.iteration)

@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from megabatch import metrics_log
 from megabatch.errors import Preempted, UserError
 from megabatch.signals import stop_on_signals
 from megabatch.study.spec import Run, StudySpec
@@ -50,8 +51,7 @@ def read_result(out: Path, run: Run) -> dict[str, Any] | None:
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return metrics_log.read(folder / "metrics.jsonl")
 
 
 def summarize(run: Run, folder: Path, diverged: bool, wall_time_s: float) -> dict[str, Any]:
@@ -94,9 +94,9 @@ def unfinished(spec: StudySpec, out: Path) -> list[str]:
     """Where each started but unfinished run stands: "<key> at epoch E of N (top-1 T%)"."""
     lines = []
     for run in plan(spec, out)[0]:
-        metrics = run_dir(out, run) / "metrics.jsonl"
-        if read_result(out, run) is None and metrics.is_file() and metrics.read_text().strip():
-            last = json.loads(metrics.read_text().strip().splitlines()[-1])
+        metrics = read_metrics(run_dir(out, run))
+        if read_result(out, run) is None and metrics:
+            last = metrics[-1]
             lines.append(f"{run.key} at epoch {last['epoch']} of {spec.epochs}"
                          + (f" (test top-1 {last['test_top1']:.2f}%)" if "test_top1" in last else ""))
     return lines
