@@ -104,7 +104,17 @@ def test_schedule_in_optimizer_steps():
 def test_polynomial_decay_with_warmup():
     assert polynomial_lr(0.0, 8.0, 10.0, 2.0, 2.0, 0.1) == pytest.approx(0.1)
     assert polynomial_lr(1.0, 8.0, 10.0, 2.0, 2.0, 0.1) == pytest.approx(4.05)
-    assert polynomial_lr(5.0, 8.0, 10.0, 2.0, 2.0, 0.1) == pytest.approx(8.0 * 0.25)
-    assert polynomial_lr(10.0, 8.0, 10.0) == 0.0
+    # the decay runs over the 8 epochs after the warm-up: continuous at its end, 0 at the last
+    assert polynomial_lr(2.0 - 1e-9, 8.0, 10.0, 2.0, 2.0, 0.1) == pytest.approx(8.0)
+    assert polynomial_lr(2.0, 8.0, 10.0, 2.0, 2.0, 0.1) == pytest.approx(8.0)
+    assert polynomial_lr(5.0, 8.0, 10.0, 2.0, 2.0, 0.1) == pytest.approx(8.0 * (1 - 3 / 8) ** 2)
+    assert polynomial_lr(10.0, 8.0, 10.0, 2.0, 2.0, 0.1) == 0.0
+    assert polynomial_lr(10.0, 8.0, 10.0) == 0.0 and polynomial_lr(5.0, 8.0, 10.0) == pytest.approx(2.0)
+    # fashion-mnist-lars over 90 epochs at 8,192 (6 steps per epoch): no drop after the warm-up
+    r = recipes.load("fashion-mnist-lars", ["batch.global_batch=8192", "train.epochs=90"])
+    end = epoch_settings(r, 6).warmup_epochs
+    assert end == pytest.approx(90 * 18 / 64)
+    before, after = recipe_values(r, end - 1 / 6, 6)[0], recipe_values(r, end + 1 / 6, 6)[0]
+    assert after == pytest.approx(r.base_lr * (1 - (1 / 6) / (90 - end)) ** 2) and after / before > 0.98
     r = recipes.load("fashion-mnist-demo", ["schedule.kind=polynomial", "schedule.power=1.0"])
     assert recipe_values(r, 6.0)[0] == pytest.approx(r.base_lr * 0.5)

@@ -62,11 +62,15 @@ def alpha_sgd(epoch: float, center: float = 10.0, period: float = 5.0) -> float:
 
 def polynomial_lr(epoch: float, base_lr: float, total_epochs: float, power: float = 2.0,
                   warmup_epochs: float = 0.0, warmup_start_lr: float = 0.0) -> float:
-    """``base_lr * (1 - epoch / total_epochs) ** power`` after an optional linear warm-up
-    from ``warmup_start_lr`` (You et al. 2017's schedule for LARS)."""
+    """An optional linear warm-up from ``warmup_start_lr`` to ``base_lr`` over ``warmup_epochs``,
+    then ``base_lr * (1 - (epoch - warmup_epochs) / (total_epochs - warmup_epochs)) ** power``:
+    the decay runs over the epochs left after the warm-up, from ``base_lr`` at its end to 0 at
+    the last epoch (You et al. 2017's schedule for LARS, as the MLPerf ResNet-50 references
+    write it: ``polynomial_learning_rate_fn``, ``lars_util.PolynomialDecayWithWarmup``)."""
     if epoch < warmup_epochs:
         return warmup_start_lr + (base_lr - warmup_start_lr) * epoch / warmup_epochs
-    return base_lr * max(0.0, 1.0 - epoch / total_epochs) ** power
+    left = total_epochs - warmup_epochs
+    return base_lr * max(0.0, 1.0 - (epoch - warmup_epochs) / left) ** power if left > 0 else 0.0
 
 
 @dataclass(frozen=True)
