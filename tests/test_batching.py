@@ -45,7 +45,9 @@ def test_an_epoch_is_cut_into_steps_of_micro_batches_once():
 
 
 @pytest.mark.parametrize("args, message", [
-    ((100, 32, 0, 1), "not divisible by per_worker_batch"),
+    ((100, 32, 0, 1), "not divisible by per_worker_batch 32: set batch.global_batch to a multiple of it "
+                      r"\(96 or 128\)"),
+    ((20, 32, 0, 1), r"a multiple of it \(32\)"),
     ((96, 32, 0, 2), "cannot be shared by 2 processes"),
     ((128, 32, 48, 1), "must be a multiple of per_worker_batch"),
     ((128, 32, 96, 1), "that divides the 128 images"),
@@ -69,3 +71,11 @@ def test_order_and_augmentation_depend_only_on_seed_and_position():
 
 def test_micro_batch_larger_than_the_share_is_the_share():
     assert BatchPlan.create(256, 32, 1024, processes=2).micro_batch == 128
+
+
+def test_a_seed_beyond_a_generators_range_still_seeds():
+    huge = 10**14  # (seed * 1,000,003 + epoch) passes 2**63
+    assert torch.equal(epoch_order(huge, 0, 50), epoch_order(huge, 0, 50))
+    assert not torch.equal(epoch_order(huge, 0, 50), epoch_order(huge, 1, 50))
+    assert torch.rand(1, generator=step_generator(huge, 3)).item() == torch.rand(1, generator=step_generator(huge, 3)).item()
+    assert torch.equal(epoch_order(7, 2, 50), torch.randperm(50, generator=torch.Generator().manual_seed(7 * 1_000_003 + 2)))

@@ -61,6 +61,32 @@ def test_damaged_idx_file_is_a_user_error(tiny_idx_dir, damage, message):
         fashion_mnist.load(tiny_idx_dir)
 
 
+def header(dims: list[int], payload: int) -> bytes:
+    """An idx file of unsigned bytes whose header says ``dims`` (as signed int32) over ``payload`` bytes."""
+    import struct
+
+    return bytes([0, 0, 0x08, len(dims)]) + struct.pack(f">{len(dims)}i", *dims) + bytes(payload)
+
+
+@pytest.mark.parametrize("dims, payload, message", [
+    ([-8, -28, 28], 8 * 28 * 28, "holds 6288 bytes but its header"),  # read unsigned: huge, not negative
+    ([65536, 65536, 65536, 65536], 0, r"its header \[65536, 65536, 65536, 65536\] needs 18446744073709551636"),
+    ([0, 28, 28], 0, "train files in .* hold no images"),
+])
+def test_an_idx_header_that_lies_is_a_user_error(tiny_idx_dir, dims, payload, message):
+    (tiny_idx_dir / "train-images-idx3-ubyte").write_bytes(header(dims, payload))
+    if dims[0] == 0:
+        (tiny_idx_dir / "train-labels-idx1-ubyte").write_bytes(header([0], 0))
+    with pytest.raises(UserError, match=message):
+        fashion_mnist.load(tiny_idx_dir)
+
+
+def test_training_and_test_images_of_other_sizes_are_a_user_error(tiny_idx_dir):
+    write_idx(tiny_idx_dir / "t10k-images-idx3-ubyte", np.zeros((32, 32, 32)))
+    with pytest.raises(UserError, match=r"differ in size: training \[28, 28\], test \[32, 32\]"):
+        fashion_mnist.load(tiny_idx_dir)
+
+
 def test_corrupt_gzip_is_a_user_error(tiny_idx_dir):
     path = tiny_idx_dir / "train-images-idx3-ubyte"
     data = gzip.compress(path.read_bytes())

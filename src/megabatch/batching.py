@@ -40,8 +40,12 @@ class BatchPlan:
         """Check the split and fill in an automatic micro-batch (``micro_batch=0``): the
         most whole workers, up to ``max_micro_batch`` images, that divide the share."""
         if global_batch % per_worker_batch:
+            below, above = global_batch // per_worker_batch * per_worker_batch, \
+                (global_batch // per_worker_batch + 1) * per_worker_batch
+            nearest = f"{below} or {above}" if below else f"{above}"
             raise UserError(f"global batch {global_batch} is not divisible by per_worker_batch "
-                            f"{per_worker_batch}")
+                            f"{per_worker_batch}: set batch.global_batch to a multiple of it ({nearest}), "
+                            f"or change batch.per_worker_batch")
         workers = global_batch // per_worker_batch
         if workers % processes:
             raise UserError(f"{workers} workers (global batch {global_batch} / {per_worker_batch} "
@@ -112,10 +116,10 @@ class StepIndices:
 
 def epoch_order(seed: int, epoch: int, dataset_size: int) -> torch.Tensor:
     """The shuffled order of the training images in ``epoch``: a function of (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
     return torch.randperm(dataset_size, generator=generator)
 
 
 def step_generator(seed: int, iteration: int) -> torch.Generator:
     """The generator of a step's random augmentation: a function of (seed, iteration)."""
-    return torch.Generator().manual_seed((seed + 1) * 2_000_003 + iteration)
+    return torch.Generator().manual_seed(((seed + 1) * 2_000_003 + iteration) % 2**63)

@@ -163,7 +163,7 @@ def build_run(recipe: Recipe, data_dir: str | None, out_dir: Path, progress: Pro
     plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch,
                             recipe.batch.micro_batch, dist.world_size, dist.rank,
                             max_micro_batch(device.type))
-    train_data, test_data = load_datasets(recipe.data, data_dir, device.type, recipe.train.seed)
+    train_data, test_data = load_datasets(recipe.data, data_dir, device.type)
     train_data, validation_data = hold_out(train_data, recipe.data.validation_images)
     model = build_model(recipe, train_data.channels, len(train_data.classes), device)
     steps = plan.steps_per_epoch(len(train_data))

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipes.load(args.recipe, args.set)
     device = resolve_device(recipe.train.device)
     configure_backends(device, recipe)  # the run's arithmetic (train.tf32) and autotuning
-    train, _ = load_datasets(recipe.data, args.data, device.type, recipe.train.seed)
+    train, _ = load_datasets(recipe.data, args.data, device.type)
     plan = BatchPlan.create(recipe.batch.global_batch, recipe.batch.per_worker_batch, recipe.batch.micro_batch,
                             max_micro_batch=max_micro_batch(device.type))
     if plan.micro_batches < 2:

@@ -249,3 +249,105 @@ def test_the_script_writes_the_odd_files(tmp_path, fashion_dir, capsys):
     printed = capsys.readouterr().out
     assert "2 classes, 4 train + 2 val JPEGs" in printed and "7 odd files (cmyk, grey, png" in printed
     assert len(list((out / "train" / "n00000000").iterdir())) == 2 + 7
+
+
+def test_damaged_pngs_never_crash_the_device_decoder(tmp_path):
+    """torchvision's decode_image crashed the process (SIGSEGV, in libpng) on many PNGs
+    with a few bytes flipped, in the training process itself; PIL refuses them. Decoded in
+    a child process, so that a crash fails this test instead of ending the suite."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    good = tmp_path / "good.png"
+    Image.fromarray(torch.randint(0, 256, (44, 52, 3), dtype=torch.uint8, generator=rng).numpy()).save(good)
+    data = good.read_bytes()
+    for i in range(40):
+        damaged = bytearray(data)
+        for place in torch.randint(40, len(data), (4,), generator=rng).tolist():
+            damaged[place] ^= 0xFF
+        (tmp_path / f"{i}.png").write_bytes(bytes(damaged))
+    code = ("import sys, pathlib; from megabatch.data import imagenet; "
+            "print(sum(imagenet.decode_rgb(imagenet.read_bytes(str(p))) is None "
+            "for p in sorted(pathlib.Path(sys.argv[1]).glob('[0-9]*.png'))))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 0 < int(result.stdout) <= 40  # refused, not crashed
+    assert imagenet.decode_rgb(imagenet.read_bytes(str(good))).shape == (3, 44, 52)
+
+
+def test_both_decoders_read_the_same_formats_and_pixels(tmp_path):
+    """BMP, PPM, TIFF and a 16-bit PNG: what the "pil" decoder reads, the "device" decoder
+    reads too, to the same pixels (it decodes every non-JPEG with PIL); a 16-bit image is
+    scaled to 8 bits, not saturated to white."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(1)
+    rgb = torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8, generator=rng).numpy()
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    for suffix in ("bmp", "ppm", "tif"):
+        Image.fromarray(rgb).save(folder / f"0.{suffix}")
+    deep = (torch.arange(40 * 40, dtype=torch.int32).view(40, 40) * 40).numpy().astype("uint16")
+    Image.fromarray(deep).save(folder / "deep.png")  # values 0 .. 63,960 of 65,535
+    samples = [(str(p), 0) for p in sorted(folder.iterdir())]
+    batches = {}
+    for decoder in ("pil", "device"):
+        source = imagenet.ImageFolderSource(samples, ["a"], SIZE, 40, decoder, workers=0)
+        [(x, _)] = list(source.evaluation_batches(0, len(samples), len(samples), torch.device("cpu")))
+        assert source.take_unreadable() == []
+        batches[decoder] = x
+    assert torch.allclose(batches["pil"], batches["device"], atol=2 / 255 / 0.224)
+    pixels = batches["pil"][samples.index((str(folder / "deep.png"), 0))] * 0.229 + 0.485  # red channel scale
+    assert 0.3 < float(pixels[0].mean()) < 0.7  # about 127/255, not 1.0
+
+
+def test_a_damaged_file_then_an_empty_one_is_replaced_by_the_next_readable(tiny, tmp_path):
+    first = sorted((tiny / "train").iterdir())
+    truncated, empty = tmp_path / "0.JPEG", tmp_path / "1.JPEG"
+    data = next(first[0].iterdir()).read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    empty.write_bytes(b"")
+    good = next(first[1].iterdir())
+    samples = [(str(truncated), 0), (str(empty), 0), (str(good), 1)]
+    for decoder in ("pil", "device"):
+        source = imagenet.ImageFolderSource(samples, ["a", "b"], SIZE, 40, decoder, workers=0)
+        [(x, y)] = list(source.evaluation_batches(0, 1, 1, torch.device("cpu")))
+        assert y.tolist() == [1] and str(empty) in source.take_unreadable()
+
+
+def test_a_data_set_that_cannot_be_read_says_so_from_a_worker_process(tmp_path):
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        (folder / f"{i}.JPEG").write_bytes(b"")
+    samples = [(str(p), 0) for p in sorted(folder.iterdir())]
+    source = imagenet.ImageFolderSource(samples, ["a"], SIZE, 40, "pil", workers=2)
+    with pytest.raises(UserError) as raised:
+        list(source.evaluation_batches(0, 4, 4, torch.device("cpu")))
+    assert str(raised.value) == (f"none of the 4 images under {tmp_path / 'train'} can be read "
+                                 f"(e.g. {samples[0][0]}): check the files, or copy the data set again")
+
+
+def test_the_seed_of_training_batches_draws_the_crops(tiny):
+    train, _ = imagenet.load(tiny, SIZE, 40, workers=0)
+    plan = BatchPlan.create(16, 8, 16)
+
+    def first_step(seed):
+        steps = train.training_batches(plan.epoch(epoch_order(0, 0, len(train)), 0), seed, True,
+                                       torch.device("cpu"))
+        return next(next(steps))[0]
+
+    assert torch.equal(first_step(5), first_step(5)) and not torch.equal(first_step(5), first_step(6))
+
+
+def test_a_flat_validation_folder_says_how_to_sort_it(tiny, tmp_path):
+    import shutil
+
+    (tmp_path / "val").mkdir()
+    for i, path in enumerate(sorted((tiny / "val").rglob("*.JPEG"))[:3]):
+        shutil.copy(path, tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    with pytest.raises(UserError, match="its images lie flat .* move each into the folder of its class"):
+        imagenet.scan_split(tmp_path / "val", ["a"])

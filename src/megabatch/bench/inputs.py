@@ -59,7 +59,7 @@ def repeated(source: imagenet.ImageFolderSource, images: int) -> imagenet.ImageF
     """``source`` with its images listed again and again, at least ``images`` in all."""
     copies = -(-images // len(source))
     return imagenet.ImageFolderSource(source.samples * copies, list(source.classes), source.image_size,
-                                      source.resize_size, source.decoder, source.workers, source.seed)
+                                      source.resize_size, source.decoder, source.workers)
 
 
 def steps(source, plan: BatchPlan, device: torch.device, augment: bool = True,

@@ -10,7 +10,7 @@ from megabatch.data import fashion_mnist, imagenet, synthetic
 from megabatch.errors import UserError
 
 
-def load_datasets(config, data_dir: str | None = None, device_type: str = "cpu", seed: int = 0):
+def load_datasets(config, data_dir: str | None = None, device_type: str = "cpu"):
     """Training and test sources of a recipe's ``[data]`` table (``data_dir``, i.e. --data, wins
     over ``config.path``): in-memory :class:`ImageTensors`, or an ImageNet folder streamed by
     :class:`~megabatch.data.imagenet.ImageFolderSource`; both give the trainer micro-batches."""
@@ -21,7 +21,7 @@ def load_datasets(config, data_dir: str | None = None, device_type: str = "cpu",
                             "and val/<class>/*.JPEG")
         decoder = config.decoder if config.decoder != "auto" else ("device" if device_type == "cuda" else "pil")
         workers = min(config.workers, os.cpu_count() or 1)  # more than the cores only slows down
-        train, test = imagenet.load(root, config.image_size, config.resize_size, decoder, workers, seed)
+        train, test = imagenet.load(root, config.image_size, config.resize_size, decoder, workers)
         return train.subset(config.train_subset), test.subset(config.test_subset)
     if config.dataset == "synthetic":
         train, test = synthetic.make(*config.synthetic_size)

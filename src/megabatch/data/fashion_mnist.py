@@ -9,6 +9,7 @@ number of dimensions), one big-endian int32 per dimension, then the values.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -49,8 +50,8 @@ def read_idx(path: Path) -> torch.Tensor:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise UserError(f"{path} is truncated inside its header; replace it ({HOW_TO_GET})")
-    shape = struct.unpack(f">{ndim}i", raw[4:header])
-    expected = header + int(np.prod(shape))
+    shape = struct.unpack(f">{ndim}I", raw[4:header])  # unsigned: no negative sizes
+    expected = header + math.prod(shape)  # a Python int: no overflow
     if len(raw) != expected:
         raise UserError(f"{path} holds {len(raw)} bytes but its header {list(shape)} needs "
                         f"{expected}: the file is truncated or corrupt; replace it ({HOW_TO_GET})")
@@ -76,8 +77,14 @@ def load(root: str | os.PathLike | None = None) -> tuple[ImageTensors, ImageTens
         if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
             raise UserError(f"Fashion-MNIST {split} files in {root} do not match: "
                             f"images {list(images.shape)}, labels {list(labels.shape)}; {HOW_TO_GET}")
+        if len(labels) == 0:
+            raise UserError(f"Fashion-MNIST {split} files in {root} hold no images; {HOW_TO_GET}")
         if int(labels.max()) >= len(CLASSES):
             raise UserError(f"Fashion-MNIST {split} labels in {root} go up to {int(labels.max())}, "
                             f"expected < {len(CLASSES)}; {HOW_TO_GET}")
         splits.append(ImageTensors(images.unsqueeze(1), labels.long(), MEAN, STD, CLASSES))
-    return splits[0], splits[1]
+    train, test = splits
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise UserError(f"Fashion-MNIST images in {root} differ in size: training {list(train.images.shape[2:])}, "
+                        f"test {list(test.images.shape[2:])}; {HOW_TO_GET}")
+    return train, test

@@ -25,6 +25,7 @@ or a bad setting and is raised as it is.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -58,7 +59,10 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[tup
                         f"val/<class>/ folders of images")
     found = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not found:
-        raise UserError(f"{folder} has no class folders: expected {folder}/<class>/*.JPEG")
+        flat = any(p.suffix.lower() in EXTENSIONS for p in folder.iterdir())
+        raise UserError(f"{folder} has no class folders: expected {folder}/<class>/*.JPEG"
+                        + ("; its images lie flat (as ILSVRC2012's validation set comes): move each into "
+                           "the folder of its class, named as in train/" if flat else ""))
     if classes is not None and found != classes:
         extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
         raise UserError(f"the classes of {folder} do not match train/: {len(missing)} missing "
@@ -96,20 +100,21 @@ def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
 
 @dataclass(frozen=True)
 class Item:
-    """What the loader asks for: an image index, and the seed of its augmentation (-1: none)."""
+    """What the loader asks for: an image index, and what seeds its augmentation: the run's
+    seed, the epoch (-1: no augmentation) and the image's place in the epoch."""
 
     index: int
     epoch: int = -1
     position: int = -1
+    seed: int = 0
 
 
 class FolderImages(Dataset):
     """Reads (``"pil"``: and transforms) single images; unreadable ones are replaced."""
 
-    def __init__(self, samples: list[tuple[str, int]], decoder: str, image_size: int, resize_size: int,
-                 seed: int) -> None:
+    def __init__(self, samples: list[tuple[str, int]], decoder: str, image_size: int, resize_size: int) -> None:
         self.samples, self.decoder = samples, decoder
-        self.image_size, self.resize_size, self.seed = image_size, resize_size, seed
+        self.image_size, self.resize_size = image_size, resize_size
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -129,13 +134,13 @@ class FolderImages(Dataset):
             if self.decoder == "pil":  # outside the try: a failing transform is not a bad file
                 image = self.transform(image, item)
             return image, label, bad, replace(item, index=index)
-        raise UserError("no image of the data set can be read")
+        raise unreadable_data_set(self.samples)
 
     def transform(self, image: Image.Image, item: Item) -> torch.Tensor:
         if item.epoch < 0:
             image = TF.center_crop(TF.resize(image, self.resize_size), self.image_size)
         else:
-            g = sample_generator(self.seed, item.epoch, item.position)
+            g = sample_generator(item.seed, item.epoch, item.position)
             top, left, h, w = crop_box(image.height, image.width, g)
             image = TF.resized_crop(image, top, left, h, w, [self.image_size] * 2)
             if torch.rand(1, generator=g).item() < 0.5:
@@ -143,24 +148,53 @@ class FolderImages(Dataset):
         return TF.pil_to_tensor(image)
 
 
+def unreadable_data_set(samples: list[tuple[str, int]]) -> UserError:
+    folder = Path(samples[0][0]).parent.parent
+    return UserError(f"none of the {len(samples):,} images under {folder} can be read (e.g. {samples[0][0]}): "
+                     "check the files, or copy the data set again")
+
+
+def from_workers(batches: Iterable) -> Iterator:
+    """A DataLoader's batches; a UserError raised in one of its worker processes keeps its
+    own one-line message (the DataLoader re-raises it wrapped in the worker's traceback)."""
+    try:
+        yield from batches
+    except UserError as e:
+        text, marker = str(e), "UserError: "
+        if "Original Traceback" not in text or marker not in text:
+            raise
+        raise UserError(text.rsplit(marker, 1)[1].strip().splitlines()[0]) from None
+
+
 def read_bytes(path: str) -> torch.Tensor:
     with open(path, "rb") as f:
         return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
 
 
-def read_rgb(path: str) -> Image.Image:
-    """The decoded image (``convert`` loads the pixels, so damage shows here)."""
+def read_rgb(path: str | io.BytesIO) -> Image.Image:
+    """The decoded image (``convert`` loads the pixels, so damage shows here); 16-bit
+    grey images are scaled to 8 bits first (PIL's own conversion saturates them)."""
     with Image.open(path) as image:
+        if image.mode.startswith("I;16") or image.mode == "I":
+            image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
         return image.convert("RGB")
 
 
 def decode_rgb(data: torch.Tensor) -> torch.Tensor | None:
-    """One image's bytes decoded on the CPU; None when they do not decode."""
+    """One image's bytes decoded on the CPU as the ``"pil"`` decoder decodes a file; None
+    when they do not decode. (torchvision's own decode_image is not used: libpng's error
+    path crashes the process on some damaged PNGs, and it reads fewer formats.)"""
     try:
-        with decoders():
-            return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
-    except RuntimeError:  # torchvision's decoders raise RuntimeError on damaged data
+        return TF.pil_to_tensor(read_rgb(io.BytesIO(data.numpy().tobytes())))
+    except UNREADABLE:
         return None
+
+
+def decode_on(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One image's bytes decoded: a JPEG by torchvision on ``device`` (nvJPEG on a GPU),
+    anything else, or a JPEG it refuses (CMYK), by PIL on the CPU; None when nothing can."""
+    image = decode_jpeg_on(data, device) if data[:2].tolist() == [0xFF, 0xD8] else None
+    return image if image is not None else decode_rgb(data)
 
 
 def decode_jpeg_on(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -194,21 +228,20 @@ class ImageFolderSource:
     """An ImageNet split as a source of micro-batches for the trainer."""
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str], image_size: int = 224,
-                 resize_size: int = 256, decoder: str = "pil", workers: int = 4, seed: int = 0) -> None:
+                 resize_size: int = 256, decoder: str = "pil", workers: int = 4) -> None:
         self.samples, self.classes = samples, tuple(classes)
         self.image_size, self.resize_size, self.decoder, self.workers = image_size, resize_size, decoder, workers
-        self.images = FolderImages(samples, decoder, image_size, resize_size, seed)
-        self.seed = seed
+        self.images = FolderImages(samples, decoder, image_size, resize_size)
         self.unreadable: list[str] = []  # since the last report
         self.channels = 3
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _loader(self, items) -> DataLoader:
-        return DataLoader(self.images, batch_sampler=items, num_workers=self.workers, collate_fn=collate,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                          prefetch_factor=4 if self.workers else None)
+    def _loader(self, items) -> Iterator:
+        return from_workers(DataLoader(self.images, batch_sampler=items, num_workers=self.workers, collate_fn=collate,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                       prefetch_factor=4 if self.workers else None))
 
     def _to_device(self, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, bad: list[str],
                    items: list[Item], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,9 +269,7 @@ class ImageFolderSource:
             pass
         decoded, labels = [], labels.clone()
         for i, (d, item) in enumerate(zip(data, items)):
-            image = decode_jpeg_on(d, device) if device.type != "cpu" else None
-            if image is None:  # the device's decoder refused it: the CPU's decodes any format
-                image = decode_rgb(d)
+            image = decode_on(d, device)
             if image is None:
                 image, labels[i] = self._next_decodable(item.index)
             decoded.append(image.to(device))
@@ -252,12 +283,12 @@ class ImageFolderSource:
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 image = decode_rgb(read_bytes(path))
-            except OSError:
+            except UNREADABLE:  # an empty file raises ValueError
                 image = None
             if image is not None:
                 return image, label
             self.unreadable.append(path)
-        raise UserError("no image of the data set can be read")
+        raise unreadable_data_set(self.samples)
 
     def _crops(self, images: list[torch.Tensor], items: list[Item], device: torch.device) -> torch.Tensor:
         """The micro-batch's decoded images cropped and resized as the ``"pil"`` decoder does
@@ -270,7 +301,7 @@ class ImageFolderSource:
                                                [self.image_size] * 2) for image in images])
         crops, flips = [], []
         for image, item in zip(images, items):
-            g = sample_generator(self.seed, item.epoch, item.position)
+            g = sample_generator(item.seed, item.epoch, item.position)
             top, left, h, w = crop_box(image.shape[-2], image.shape[-1], g)
             crops.append(F.interpolate(image[None, :, top:top + h, left:left + w].float(),
                                        size=[self.image_size] * 2, mode="bilinear", antialias=True,
@@ -289,7 +320,7 @@ class ImageFolderSource:
         (seed, epoch, its place in the epoch), whatever the processes or micro-batches."""
         steps = list(steps)
         items = [[Item(int(index), step.epoch if augment else -1,
-                       step.position + part.start + j) for j, index in enumerate(indices.tolist())]
+                       step.position + part.start + j, seed) for j, index in enumerate(indices.tolist())]
                  for step in steps for part, indices in step.micro_batches]
         loader = iter(self._loader(items))
         for step in steps:
@@ -315,14 +346,14 @@ class ImageFolderSource:
     def select(self, indices: Sequence[int]) -> "ImageFolderSource":
         """The files at ``indices``, in that order."""
         return ImageFolderSource([self.samples[i] for i in indices], list(self.classes), self.image_size,
-                                 self.resize_size, self.decoder, self.workers, self.seed)
+                                 self.resize_size, self.decoder, self.workers)
 
 
 def load(root: str | Path, image_size: int = 224, resize_size: int = 256, decoder: str = "pil",
-         workers: int = 4, seed: int = 0) -> tuple[ImageFolderSource, ImageFolderSource]:
+         workers: int = 4) -> tuple[ImageFolderSource, ImageFolderSource]:
     """Training and validation sources of an ImageNet-layout folder."""
     root = Path(root)
     train, classes = scan_split(root / "train")
     val, _ = scan_split(root / "val", classes)
-    return (ImageFolderSource(train, classes, image_size, resize_size, decoder, workers, seed),
-            ImageFolderSource(val, classes, image_size, resize_size, decoder, workers, seed))
+    return (ImageFolderSource(train, classes, image_size, resize_size, decoder, workers),
+            ImageFolderSource(val, classes, image_size, resize_size, decoder, workers))
