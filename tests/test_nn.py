@@ -168,7 +168,7 @@ def test_micro_batches_inside_a_step_equal_one_pass(momentum):
     assert one.momentum == split.momentum == momentum
 
 
-@pytest.mark.parametrize("momentum", [1.0, 0.1, None])
+@pytest.mark.parametrize("momentum", [1.0, 0.1])
 def test_a_layer_without_a_training_pass_in_the_step_is_left_as_it_was(momentum):
     # Decided on the device (no host read of the counters): statistics and counter unchanged,
     # also for a layer that only saw an evaluation pass; a trained layer beside it moves on.
@@ -328,3 +328,10 @@ def test_average_bn_stats_over_two_gloo_processes(tmp_path):
         results = dict(results)
     for rank in (0, 1):
         assert results[rank] == ([1.5] * C, [15.0] * C)
+
+
+def test_step_statistics_refuses_a_cumulative_average():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, momentum=None))
+    with pytest.raises(ValueError, match="momentum=None"):
+        with step_statistics(model):
+            model(torch.randn(4, 1, 5, 5))

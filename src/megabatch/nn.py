@@ -302,6 +302,9 @@ def step_statistics(model: nn.Module) -> Iterator[None]:
     means, variances, counts = ([getattr(m, name) for m in layers]
                                 for name in ("running_mean", "running_var", "num_batches_tracked"))
     momenta = [m.momentum for m in layers]
+    if None in momenta:
+        raise ValueError("step_statistics needs BN layers with a numeric momentum; momentum=None (a cumulative "
+                         "average over all batches) would be taken as the last step's statistics alone")
     # Multi-tensor copies and updates: a few kernels for all layers, not a few per layer
     # (a ResNet-50's 53 layers would cost ~600 launches per step). x * 1 is an exact copy.
     saved_means, saved_variances, saved_counts = (torch._foreach_mul(t, 1) for t in (means, variances, counts))
@@ -314,7 +317,7 @@ def step_statistics(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for m, momentum in zip(layers, momenta):
                 m.momentum = momentum
-            factors = [1.0 if momentum is None else momentum for momentum in momenta]
+            factors = momenta
             for factor in set(factors):  # one multi-tensor update per momentum (usually one)
                 group = [i for i, f in enumerate(factors) if f == factor]
                 for saved, current in ((saved_means, means), (saved_variances, variances)):
