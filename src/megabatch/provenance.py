@@ -26,7 +26,9 @@ def git_commit() -> str:
     here = Path(megabatch.__file__).resolve().parent
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+        # --no-optional-locks: status must not take the index lock (a commit beside a running
+        # study would fail on it), as it does to refresh the index's stat data.
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=here, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
 
     try:
