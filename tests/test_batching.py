@@ -62,11 +62,44 @@ def test_global_batch_larger_than_dataset():
         BatchPlan.create(128, 32).steps_per_epoch(100)
 
 
+def draws(generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(8, generator=generator, dtype=torch.float64)
+
+
 def test_order_and_augmentation_depend_only_on_seed_and_position():
-    assert torch.equal(epoch_order(1, 3, 1000), epoch_order(1, 3, 1000))
-    assert not torch.equal(epoch_order(1, 3, 1000), epoch_order(1, 4, 1000))
-    assert sorted(epoch_order(0, 0, 50).tolist()) == list(range(50))
-    assert torch.equal(torch.rand(5, generator=step_generator(0, 7)), torch.rand(5, generator=step_generator(0, 7)))
+    """epoch_order is a function of (seed, epoch) and step_generator of (seed, iteration):
+    the same across calls whatever the global RNG has drawn in between, different when
+    any one of the two changes."""
+    torch.manual_seed(1)
+    order = epoch_order(1, 3, 1000)
+    draw = draws(step_generator(1, 7))
+    torch.manual_seed(2)
+    torch.rand(100)  # the global generator moves on: neither may notice
+    assert torch.equal(epoch_order(1, 3, 1000), order)
+    assert torch.equal(draws(step_generator(1, 7)), draw)
+    assert sorted(order.tolist()) == list(range(1000))
+    for other in ((2, 3), (0, 3), (1, 4), (1, 2)):  # another seed, or another epoch
+        assert not torch.equal(epoch_order(*other, 1000), order), other
+    for other in ((2, 7), (0, 7), (1, 8), (1, 6)):  # another seed, or another iteration
+        assert not torch.equal(draws(step_generator(*other)), draw), other
+    # The iterations of one run draw apart from each other and from another seed's.
+    grid = torch.stack([draws(step_generator(s, i)) for s in range(3) for i in range(20)])
+    assert len({tuple(row.tolist()) for row in grid}) == len(grid)
+
+
+@pytest.mark.parametrize("processes, micro", [(1, 32), (1, 128), (2, 64), (4, 32), (8, 32)])
+def test_every_split_of_the_epoch_sees_the_same_global_batches(processes, micro):
+    """The order does not depend on the plan, and the ranks' micro-batches of every step
+    put back together are the step's slice of it, whatever the processes or micro-batch."""
+    order = epoch_order(5, 2, 1000)
+    plans = [BatchPlan.create(256, 32, micro, processes, rank) for rank in range(processes)]
+    per_rank = [list(plan.epoch(order, epoch=2)) for plan in plans]
+    assert all(len(steps) == 3 for steps in per_rank)
+    for k in range(3):
+        assert {steps[k].iteration for steps in per_rank} == {2 * 3 + k}
+        joined = torch.cat([i for steps in per_rank for _, i in steps[k].micro_batches])
+        assert torch.equal(joined, order[256 * k:256 * (k + 1)])
+        assert all(len(i) == micro for steps in per_rank for _, i in steps[k].micro_batches)
 
 
 def test_micro_batch_larger_than_the_share_is_the_share():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -258,12 +259,40 @@ def test_moving_average_is_pytorchs_update_of_the_workers_average():
     torch.testing.assert_close(layer.running_var, 0.9 * torch.ones(C, dtype=torch.float64) + 0.1 * var)
 
 
-def test_one_group_is_exactly_pytorch_batchnorm():
-    x = workers_input(1)
-    layer = ghost(0.1)
-    plain = plain_from(layer)
-    torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
-    torch.testing.assert_close(layer.running_var, plain.running_var, rtol=0, atol=0)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_one_group_is_batch_norm_with_the_batchs_own_statistics(momentum):
+    """One group: with a momentum, PyTorch's own layer runs (equal by construction); with
+    momentum None (a cumulative average, as inside step_statistics) the grouped path does.
+    Both are checked against statistics computed here: the output is F.batch_norm with the
+    batch's mean and biased variance, the input gradient that of the formula written out,
+    and the running statistics PyTorch's update rule applied by hand over two batches."""
+    layer, plain = ghost(momentum), plain_from(ghost(momentum))
+    running_mean, running_var = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    for t, seed in enumerate((0, 1), start=1):
+        x = workers_input(1, seed).requires_grad_()
+        y = layer(x)
+        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+        (y * upstream).sum().backward()
+        torch.testing.assert_close(y, plain(x), rtol=0, atol=0)  # PyTorch's layer, to the bit
+
+        xr = x.detach().clone().requires_grad_()
+        per_channel = xr.transpose(0, 1).reshape(C, -1)
+        mean, biased = per_channel.mean(1), per_channel.var(1, unbiased=False)
+        unbiased = per_channel.var(1, unbiased=True)
+        expected = F.batch_norm(x.detach(), mean.detach(), biased.detach(), layer.weight.detach(),
+                                layer.bias.detach(), training=False, eps=layer.eps)
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+        formula = ((xr - mean[None, :, None, None]) / torch.sqrt(biased[None, :, None, None] + layer.eps)
+                   * layer.weight.detach()[None, :, None, None] + layer.bias.detach()[None, :, None, None])
+        (formula * upstream).sum().backward()
+        torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+
+        factor = 1.0 / t if momentum is None else momentum
+        running_mean = (1 - factor) * running_mean + factor * mean.detach()
+        running_var = (1 - factor) * running_var + factor * unbiased.detach()
+        torch.testing.assert_close(layer.running_mean, running_mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(layer.running_var, running_var, rtol=1e-12, atol=1e-14)
+        assert int(layer.num_batches_tracked) == t
 
 
 def test_evaluation_uses_stored_statistics():

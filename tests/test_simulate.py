@@ -133,6 +133,34 @@ def test_efficiency_is_one_at_one_gpu_and_at_one_node():
     assert perfmodel.predict(work, NET, 4, "ring", schedule).efficiency_vs_1node is None
 
 
+@pytest.mark.parametrize("algorithm, allreduce", [
+    # ring of 16 over 2 nodes: B = min(20, 10) GB/s, 2 of 16 hops leave a node:
+    # latency 14/16 * 2 us + 2/16 * 10 us = 3 us
+    ("ring", 2 * 15 / 16 * 64e6 / 10e9 + 2 * 15 * 3e-6),
+    # chain-reduce in each node, ring over the 2 node leaders, chain-broadcast
+    ("hierarchical", 2 * (64e6 / 20e9 + 7 * 2e-6) + (2 * 1 / 2 * 64e6 / 10e9 + 2 * 1 * 10e-6)),
+])
+def test_efficiency_at_two_nodes_matches_hand_computation(algorithm, allreduce):
+    # Step times: 1 GPU 0.2 s (no all-reduce, no overhead); 1 node 0.2 s + its intra-node
+    # ring (2 * 7/8 * 64 MB / 20 GB/s + 14 * 2 us) + 0.5 ms call + 1 ms overhead; 16 GPUs
+    # 0.2 s + its all-reduce + 0.5 ms + 1 ms. Efficiency: throughput per GPU over the
+    # baseline's, i.e. the baseline's step time over the run's (same batch per GPU).
+    work = Workload(per_gpu_batch=32, images_per_s=160.0, grad_bytes=64e6, overhead_s=0.001,
+                    collective_overhead_s=0.0005)
+    one_gpu = 0.2
+    one_node = 0.2 + (2 * 7 / 8 * 64e6 / 20e9 + 14 * 2e-6) + 0.0005 + 0.001
+    sixteen = 0.2 + allreduce + 0.0005 + 0.001
+    assert one_node == pytest.approx(0.207128)
+    assert sixteen == pytest.approx({"ring": 0.21359, "hierarchical": 0.214348}[algorithm])
+    run = perfmodel.predict(work, NET, 16, algorithm, perfmodel.Schedule(epochs=1, dataset_size=100_000))
+    assert run.step.total_s == pytest.approx(sixteen)
+    assert run.images_per_s == pytest.approx(16 * 32 / sixteen)
+    assert run.efficiency_vs_1gpu == pytest.approx(one_gpu / sixteen)
+    assert run.efficiency_vs_1node == pytest.approx(one_node / sixteen)
+    assert run.efficiency_vs_1gpu == pytest.approx({"ring": 0.936373, "hierarchical": 0.933062}[algorithm], abs=1e-6)
+    assert run.efficiency_vs_1node == pytest.approx({"ring": 0.969746, "hierarchical": 0.966316}[algorithm], abs=1e-6)
+
+
 def test_epoch_boundaries_count_steps():
     work = Workload(per_gpu_batch=10, images_per_s=100.0, grad_bytes=0.0)
     steps = {b: perfmodel.predict(work, NET, 1, "ring", perfmodel.Schedule(3, 105, b)).steps

@@ -258,18 +258,57 @@ def test_tensorboard_event_files_hold_the_logged_metrics(tmp_path, capsys, fashi
     assert [e.value for e in logged] == pytest.approx([m["test_top1"] for m in metrics], rel=1e-6)
 
 
-def test_noise_scale_is_measured_without_changing_training(tmp_path, fashion_dir, float64):
+def test_noise_scale_is_measured_without_changing_training(tmp_path, fashion_dir, float64, monkeypatch):
+    """Training with the measurement on changes no bit, and the measurement is what
+    McCandlish et al.'s estimators give on the micro-batches' own gradients, computed here
+    apart with torch.autograd on a copy of the model before each step: per step
+    |G_small|^2 = mean_i |g_i|^2 (b = 64 images), |G_big|^2 = |mean_i g_i|^2 (B = 256),
+    |G|^2 ~ (B |G_big|^2 - b |G_small|^2) / (B - b), tr(Sigma) ~ (|G_small|^2 - |G_big|^2)
+    / (1/b - 1/B), each smoothed by a bias-corrected EMA (beta 0.99), and B_simple their ratio."""
+    import copy
+
+    from megabatch import train as train_module
+
+    b, big_b = 64, 256
+    per_step = []  # (|G|^2, tr(Sigma)) of each step, computed here
+    real_train_step = train_module.train_step
+
+    def measured_apart(run, micro_batches):
+        micro_batches = list(micro_batches)
+        model = copy.deepcopy(run.model).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = []
+        for x, y in micro_batches:
+            loss = F.cross_entropy(model(x), y, label_smoothing=run.recipe.train.label_smoothing)
+            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+        grads = torch.stack(grads).double()
+        assert grads.shape[0] == big_b // b
+        small = grads.square().sum(1).mean().item()
+        big = grads.mean(0).square().sum().item()
+        per_step.append(((big_b * big - b * small) / (big_b - b), (small - big) / (1 / b - 1 / big_b)))
+        return real_train_step(run, micro_batches)
+
     results, noise = [], None
     for on in (False, True):
-        run = quiet_run(tmp_path / str(on), ["batch.global_batch=256", "batch.micro_batch=64", "train.max_steps=4",
-                                             f"train.noise_scale={str(on).lower()}"])
+        run = quiet_run(tmp_path / str(on), ["batch.global_batch=256", f"batch.micro_batch={b}",
+                                             "train.max_steps=4", f"train.noise_scale={str(on).lower()}"])
+        if on:
+            monkeypatch.setattr(train_module, "train_step", measured_apart)
         train_one_epoch(run, 0)
         results.append(state_of(run.model))
         noise = run.noise
     for key, value in results[0].items():
         assert torch.equal(results[1][key], value), key  # the measurement changes no bit
-    assert noise.updates == 4 and noise.grad_sq_norm > 0 and noise.trace_sigma > 0
-    assert 1.0 < noise.noise_scale < 1e5
+    assert len(per_step) == noise.updates == 4
+    beta = 0.99
+    weights = [(1 - beta) * beta ** (3 - t) / (1 - beta ** 4) for t in range(4)]
+    grad_sq_norm = sum(w * g for w, (g, _) in zip(weights, per_step))
+    trace_sigma = sum(w * s for w, (_, s) in zip(weights, per_step))
+    assert grad_sq_norm > 0 and trace_sigma > 0
+    # (the trainer's squared norms are float32: agreement to ~1e-7 here, 1e-5 allowed)
+    assert noise.grad_sq_norm == pytest.approx(grad_sq_norm, rel=1e-5)
+    assert noise.trace_sigma == pytest.approx(trace_sigma, rel=1e-5)
+    assert noise.noise_scale == pytest.approx(trace_sigma / grad_sq_norm, rel=2e-5)
 
 
 def test_the_noise_scale_in_fp16_is_that_of_the_unscaled_gradients(tmp_path, fashion_dir):

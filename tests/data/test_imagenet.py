@@ -93,9 +93,23 @@ def test_unreadable_image_is_replaced_counted_and_named(tiny, tmp_path, decoder)
     bad = sorted((copy / "train" / "n00000001").iterdir())[0]
     bad.write_bytes(b"\xff\xd8 this is not a JPEG")
     train, _ = imagenet.load(copy, SIZE, 40, decoder=decoder, workers=0)
-    steps = steps_of(train, BatchPlan.create(64, 8, 32))
-    assert sum(len(x) for step in steps for x, _ in step) == 64
+    plan = BatchPlan.create(64, 8, 32)
+    [step] = steps_of(train, plan)
     assert train.take_unreadable() == [str(bad)] and train.take_unreadable() == []
+    # Reference: the same data set with the damaged file's entry pointing at the next file:
+    # every place of the epoch's order holds its own file (the damaged one's place the next
+    # file's image and label), cropped as at that place.
+    index = [path for path, _ in train.samples].index(str(bad))
+    substituted = list(train.samples)
+    substituted[index] = train.samples[index + 1]
+    reference = imagenet.ImageFolderSource(substituted, list(train.classes), SIZE, 40, decoder, workers=0)
+    [expected] = steps_of(reference, plan)
+    assert reference.take_unreadable() == []
+    order = epoch_order(0, 0, len(train)).tolist()
+    assert index in order
+    for (x, y), (x_ref, _), places in zip(step, expected, (order[:32], order[32:])):
+        assert y.tolist() == [substituted[i][1] for i in places]
+        assert torch.equal(x, x_ref)
 
 
 def truncated_batch(tiny, tmp_path):
@@ -202,6 +216,16 @@ def test_odd_files_decode_and_damaged_ones_are_replaced(tiny, tmp_path, decoder,
     source = imagenet.ImageFolderSource(readable, list(train.classes), SIZE, 40, decoder, workers=0)
     [(x, y)] = list(source.evaluation_batches(0, len(readable), len(readable), torch.device(device)))
     assert x.shape == (5, 3, SIZE, SIZE) and source.take_unreadable() == []
+    if device == "cpu":  # the two decoders give the same pixels, to 2 levels of 255
+        other = imagenet.ImageFolderSource(readable, list(train.classes), SIZE, 40,
+                                           {"pil": "device", "device": "pil"}[decoder], workers=0)
+        [(x_other, _)] = list(other.evaluation_batches(0, len(readable), len(readable), torch.device("cpu")))
+        assert other.take_unreadable() == []
+        mean, std = torch.tensor(imagenet.MEAN).view(1, 3, 1, 1), torch.tensor(imagenet.STD).view(1, 3, 1, 1)
+        levels = [(batch * std + mean) * 255 for batch in (x, x_other)]
+        assert all(float((v - v.round()).abs().max()) < 1e-3 for v in levels)  # whole levels of 255
+        difference = (levels[0] - levels[1]).abs().flatten(1).amax(1)
+        assert difference.max() <= 2 + 1e-3, dict(zip(tiny_imagenet.ODD_READABLE, difference.tolist()))
 
 
 def test_the_device_decoders_augmentation_costs_two_calls_per_image(tiny):

@@ -323,13 +323,31 @@ def test_step_rejects_negative_lr():
     assert_params_equal(model, before)
 
 
-def test_zero_lr_leaves_parameters_unchanged():
-    # Linear warm-up often starts at lr = 0.
+def same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.detach().view(torch.uint8), b.detach().view(torch.uint8))
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_zero_lr_leaves_parameters_unchanged(foreach, nesterov):
+    # Linear warm-up often starts at lr = 0: the parameters keep every bit, with weight
+    # decay and the trust ratio on, while the momentum buffer accumulates as the rule says
+    # (buf = momentum * buf + local_lr * g; at fixed weights g is the same every step).
     model = make_mlp()
     before = copy.deepcopy(model)
-    opt = LARS(model.parameters(), lr=0.0)
-    train_step(model, opt, make_data())
-    assert_params_equal(model, before)
+    momentum, wd, eta, eps = 0.9, 5e-4, 0.001, 1e-9
+    opt = LARS(model.parameters(), lr=0.0, momentum=momentum, weight_decay=wd, trust_coefficient=eta,
+               eps=eps, nesterov=nesterov, foreach=foreach)
+    data = make_data()
+    for steps in (1, 2, 3):
+        train_step(model, opt, data)
+        for (name, p), q in zip(model.named_parameters(), before.parameters()):
+            assert same_bits(p, q), f"{name} moved at lr = 0 after {steps} steps"
+            g = p.grad + wd * p.detach()
+            scaled = eta * p.detach().norm() / (g.norm() + eps) * g
+            expected = sum(momentum ** i for i in range(steps)) * scaled
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], expected, rtol=1e-12, atol=0,
+                                       msg=lambda m: f"{name}: {m}")
 
 
 # -- the published trust ratio: parity with timm ------------------------------------------------

@@ -247,12 +247,38 @@ def test_step_rejects_nonpositive_lr_during_warmup(lr):
     assert_params_equal(model, before)
 
 
-def test_step_allows_zero_lr_once_pure_sgd():
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_step_allows_zero_lr_once_pure_sgd(foreach):
+    # After some warm-up steps, lr = 0 with alpha_sgd = 1: the parameters keep every bit,
+    # with weight decay on, while Delta and m go on by the rule (m at every step, as the
+    # docstring says): Delta = mu1 Delta - g, m = mu2 m + (1 - mu2) g^2, at fixed weights
+    # with the same g every step.
     model = make_mlp()
+    mu1, mu2, wd = 0.9, 0.99, 1e-2
+    opt = RMSpropWarmup(model.parameters(), lr=0.1, momentum=mu1, rms_decay=mu2, weight_decay=wd,
+                        alpha_sgd=0.0, foreach=foreach)
+    data = make_data()
+    for t in range(3):
+        train_step(model, opt, data, lr=varying_lr(t), alpha_sgd=t / 3)
     before = copy.deepcopy(model)
-    opt = RMSpropWarmup(model.parameters(), lr=0.1, alpha_sgd=1.0)
-    train_step(model, opt, make_data(), lr=0.0)
-    assert_params_equal(model, before)
+    state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+             for p in model.parameters()}
+    delta = {p: s["delta"] for p, s in state.items()}
+    square_avg = {p: s["square_avg"] for p, s in state.items()}
+    for steps in (1, 2):
+        train_step(model, opt, data, lr=0.0, alpha_sgd=1.0)
+        for (name, p), q in zip(model.named_parameters(), before.parameters()):
+            assert torch.equal(p.detach().view(torch.uint8), q.detach().view(torch.uint8)), \
+                f"{name} moved at lr = 0 after {steps} steps"
+            g = p.grad + wd * p.detach()
+            delta[p] = mu1 * delta[p] - g
+            square_avg[p] = mu2 * square_avg[p] + (1 - mu2) * g * g
+            torch.testing.assert_close(opt.state[p]["delta"], delta[p], rtol=1e-12, atol=1e-15,
+                                       msg=lambda m: f"{name} delta: {m}")
+            torch.testing.assert_close(opt.state[p]["square_avg"], square_avg[p], rtol=1e-12, atol=1e-15,
+                                       msg=lambda m: f"{name} square_avg: {m}")
+            assert opt.state[p]["step"] == state[p]["step"] + steps
+            assert not torch.equal(opt.state[p]["delta"], state[p]["delta"])
 
 
 def test_step_rejects_alpha_sgd_out_of_range():
