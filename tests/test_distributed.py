@@ -4,6 +4,7 @@ equivalence of processes with emulated workers, and crash-safe resume."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -98,15 +99,50 @@ def two_process_run(tmp_path_factory, fashion_dir) -> tuple[Path, str]:
     ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h"}, DistInfo(3, 8, 1, "torchrun")),
     ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "5",
       "MASTER_ADDR": "h"}, DistInfo(5, 16, 5, "mpirun")),
-    ({"SLURM_PROCID": "9", "SLURM_NTASKS": "32", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[003-010]"},
-     DistInfo(9, 32, 1, "srun")),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, DistInfo()),  # a plain sbatch job step: alone
+    ({"SLURM_PROCID": "9", "SLURM_NTASKS": "32", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[003-010]",
+      "SLURM_JOB_ID": "111", "SLURM_STEP_ID": "0"}, DistInfo(9, 32, 1, "srun")),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"}, DistInfo()),  # one task: alone
+    # a batch script or an salloc shell: the job's SLURM_NTASKS, but no step of srun's: alone
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost"}, DistInfo()),
+    # the step's own size and nodes win over the job's (srun -n 2 -w gpu007 in a 32-task job)
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "32", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "3",
+      "SLURM_JOB_NODELIST": "gpu[003-010]", "SLURM_STEP_NODELIST": "gpu007", "SLURM_JOB_ID": "111"},
+     DistInfo(1, 2, 0, "srun")),
 ])
 def test_launch_environment(env, expected):
     info, extra = launch_environment(env)
     assert info == expected
     if expected.launcher == "srun":
-        assert extra == {"MASTER_ADDR": "gpu003", "MASTER_PORT": "29500"}
+        first = "gpu007" if "SLURM_STEP_NODELIST" in env else "gpu003"
+        assert extra["MASTER_ADDR"] == first and 15_000 <= int(extra["MASTER_PORT"]) < 30_000
+
+
+def test_two_jobs_on_one_node_meet_at_ports_of_their_own():
+    def port(**env):
+        return launch_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1", **env})[1][
+            "MASTER_PORT"]
+
+    assert port(SLURM_JOB_ID="111", SLURM_STEP_ID="0") == port(SLURM_JOB_ID="111", SLURM_STEP_ID="0")
+    assert len({port(SLURM_JOB_ID="111", SLURM_STEP_ID="0"), port(SLURM_JOB_ID="222", SLURM_STEP_ID="0"),
+                port(SLURM_JOB_ID="111", SLURM_STEP_ID="1")}) == 3
+    given = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1", "SLURM_STEP_ID": "0",
+             "MASTER_PORT": "29511"}
+    assert "MASTER_PORT" not in launch_environment(given)[1]  # the user's own port stands
+    mpi = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "MASTER_ADDR": "h"}
+    assert launch_environment({**mpi, "PMIX_NAMESPACE": "prterun-h-1234@1"})[1]["MASTER_PORT"] != \
+        launch_environment({**mpi, "PMIX_NAMESPACE": "prterun-h-5678@1"})[1]["MASTER_PORT"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not a whole number, but the other variables say torchrun"),
+    ({"OMPI_COMM_WORLD_RANK": "0"}, "OMPI_COMM_WORLD_SIZE is not set, but the other variables say mpirun"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "", "SLURM_STEP_ID": "0"}, "SLURM_NTASKS='' is not a whole number"),
+    ({"RANK": "5", "WORLD_SIZE": "4", "MASTER_ADDR": "h"}, "process 5 (local 0) of 4: a rank must be from 0"),
+    ({"RANK": "0", "WORLD_SIZE": "-1", "MASTER_ADDR": "h"}, "process 0 (local 0) of -1"),
+])
+def test_launcher_variables_that_make_no_sense_are_one_line_errors(env, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        launch_environment(env)
 
 
 def test_launch_without_rendezvous_address_is_a_clear_error():
@@ -137,7 +173,7 @@ def test_srun_tasks_bound_to_their_own_gpu_wrap_around_it(monkeypatch):
     # setup() writes RANK and WORLD_SIZE into the environment: give it one of its own.
     monkeypatch.setattr(distributed.os, "environ", {
         "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "MASTER_ADDR": "n1",
-        "MASTER_PORT": "29500", "SLURM_NNODES": "1"})
+        "MASTER_PORT": "29500", "SLURM_NNODES": "1", "SLURM_STEP_ID": "0"})
     chosen, joined = [], []
     monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
@@ -148,8 +184,24 @@ def test_srun_tasks_bound_to_their_own_gpu_wrap_around_it(monkeypatch):
     assert chosen == [0] and joined == ["nccl"]
 
 
+def test_srun_tasks_that_see_every_gpu_may_not_share_one(monkeypatch):
+    # No binding: each of 8 tasks sees the node's 4 GPUs; local rank 5 would take GPU 1 beside rank 1.
+    from megabatch import distributed
+
+    monkeypatch.setattr(distributed.os, "environ", {
+        "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "5", "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500", "SLURM_NNODES": "1", "SLURM_STEP_ID": "0"})
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
+    with pytest.raises(UserError, match=r"local rank 5 on a node with 4 GPUs: start at most 4 processes per node "
+                                        r"\(or bind each task to its own GPU: srun --gpus-per-task=1\)"):
+        distributed.setup("auto")
+
+
 @pytest.mark.parametrize("nodelist, host", [
     ("node7", "node7"), ("gpu[003-010,012]", "gpu003"), ("a[1,4],b2", "a1"), ("x-1", "x-1"),
+    ("node[1-2]-ib", "node1-ib"), ("rack[1-2]-node[01-04]", "rack1-node01"), ("gpu[01-04,07],login1", "gpu01"),
 ])
 def test_first_host_of_slurm_nodelist(nodelist, host):
     assert first_host(nodelist) == host

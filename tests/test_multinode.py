@@ -56,7 +56,7 @@ def test_no_warning_where_nothing_goes_over_loopback(env, backend, hostname):
 @pytest.mark.parametrize("env", [
     {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
      "MASTER_ADDR": "127.0.0.1"},
-    {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_NNODES": "2", "MASTER_ADDR": "127.0.0.1"},
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_NNODES": "2", "MASTER_ADDR": "127.0.0.1", "SLURM_STEP_ID": "0"},
 ], ids=["mpirun", "srun"])
 def test_other_launchers_spanning_nodes_are_checked_too(env):
     message = warning(env, "nccl")

@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import sys
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -55,39 +56,77 @@ class DistInfo:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: "gpu[003-010,012],cpu1" -> "gpu003"."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not head:
+    """The first host of a SLURM node list: "gpu[003-010,012],cpu1" -> "gpu003",
+    "rack[1-2]-node[01-04]" -> "rack1-node01"."""
+    item = re.match(r"(?:[^,\[\]]|\[[^\]]*\])+", nodelist.strip())  # the first item, brackets whole
+    if not item:
         raise UserError(f"cannot read SLURM_JOB_NODELIST={nodelist!r}: set MASTER_ADDR to the first node")
-    prefix, _, ranges = head.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return re.sub(r"\[([^\]]*)\]", lambda ranges: re.split(r"[,-]", ranges.group(1))[0], item.group(0))
 
 
-def launch_environment(env: dict[str, str] | None = None) -> tuple[DistInfo, dict[str, str]]:
+def _number(env: Mapping[str, str], name: str, launcher: str, default: int | None = None) -> int:
+    """A launcher's variable as a whole number; missing or malformed is a one-line error."""
+    value = env.get(name)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        shown = " is not set" if value is None else f"={value!r} is not a whole number"
+        raise UserError(f"{name}{shown}, but the other variables say {launcher} started this process: "
+                        f"check how {launcher} sets it, or unset the variables of another launcher") from None
+
+
+def _port(key: str) -> str:
+    """A rendezvous port of this job's own (15000-29999), so that two jobs sharing a node
+    do not meet at one port (each launcher's id for the job goes in ``key``)."""
+    return str(15_000 + zlib.crc32(key.encode()) % 15_000)
+
+
+def launch_environment(env: Mapping[str, str] | None = None) -> tuple[DistInfo, dict[str, str]]:
     """The launcher's rank, world size and local rank, and the variables to add so that
-    ``init_process_group("env://")`` finds the rendezvous (MASTER_ADDR/MASTER_PORT)."""
+    ``init_process_group("env://")`` finds the rendezvous (MASTER_ADDR/MASTER_PORT).
+
+    srun counts only inside a job step (SLURM_STEP_ID): a batch script or an salloc shell
+    carries SLURM_PROCID=0 and the job's SLURM_NTASKS too, and a process started there
+    alone must not wait for the job's other tasks. The step's own task count and nodes
+    (SLURM_STEP_NUM_TASKS, SLURM_STEP_NODELIST) win over the job's."""
     env = dict(os.environ if env is None else env)
     extra: dict[str, str] = {}
+    port = None
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or set by hand
-        info = DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+        launcher = "torchrun"
+        info = DistInfo(_number(env, "RANK", launcher), _number(env, "WORLD_SIZE", launcher),
+                        _number(env, "LOCAL_RANK", launcher, 0), launcher)
     elif "OMPI_COMM_WORLD_RANK" in env:  # mpirun (Open MPI)
-        info = DistInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                        int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "mpirun")
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun
-        info = DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                        int(env.get("SLURM_LOCALID", 0)), "srun")
-        if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
-            extra["MASTER_ADDR"] = first_host(env["SLURM_JOB_NODELIST"])
+        launcher = "mpirun"
+        info = DistInfo(_number(env, "OMPI_COMM_WORLD_RANK", launcher), _number(env, "OMPI_COMM_WORLD_SIZE", launcher),
+                        _number(env, "OMPI_COMM_WORLD_LOCAL_RANK", launcher, 0), launcher)
+        job = env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_orte_hnp_uri")
+        port = _port(job) if job else None
+    elif "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):  # srun
+        launcher = "srun"
+        size = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+        info = DistInfo(_number(env, "SLURM_PROCID", launcher), _number(env, size, launcher, 1),
+                        _number(env, "SLURM_LOCALID", launcher, 0), launcher)
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if "MASTER_ADDR" not in env and nodelist:
+            extra["MASTER_ADDR"] = first_host(nodelist)
+        port = _port(f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_STEP_ID', env.get('SLURM_STEPID', ''))}")
     else:
         return DistInfo(), extra
+    if info.world_size < 1 or not 0 <= info.rank < info.world_size or info.local_rank < 0:
+        raise UserError(f"{launcher} says this is process {info.rank} (local {info.local_rank}) of "
+                        f"{info.world_size}: a rank must be from 0 to the number of processes - 1; check "
+                        f"how the processes were started")
+    if info.world_size == 1 and launcher == "srun":  # a job step of one task
+        return DistInfo(), {}
     if info.world_size > 1:
         if "MASTER_ADDR" not in env and "MASTER_ADDR" not in extra:
-            raise UserError(f"started by {info.launcher} with {info.world_size} processes but MASTER_ADDR "
+            raise UserError(f"started by {launcher} with {info.world_size} processes but MASTER_ADDR "
                             f"is not set: export MASTER_ADDR=<first node> (and MASTER_PORT) for every process")
         if "MASTER_PORT" not in env:
-            extra["MASTER_PORT"] = "29500"
+            extra["MASTER_PORT"] = port or "29500"
     return info, extra
 
 
@@ -158,11 +197,14 @@ def setup(device_kind: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
         # would share one, which NCCL refuses with a message about NCCL. srun and mpirun
         # setups often bind each process to its own GPU(s) (--gpus-per-task, a wrapper
         # setting CUDA_VISIBLE_DEVICES): there local ranks wrap around what a process sees.
-        if info.launcher == "torchrun" and info.local_rank >= gpus:
+        # A process that sees several GPUs was not bound to one: a local rank past them
+        # would share one too.
+        if info.local_rank >= gpus and (info.launcher == "torchrun" or gpus > 1):
+            how = (f"torchrun --nproc-per-node={gpus}" if info.launcher == "torchrun"
+                   else "or bind each task to its own GPU: srun --gpus-per-task=1")
             raise UserError(f"process {info.rank} is local rank {info.local_rank} on a node with {gpus} "
                             f"GPU{'s' if gpus > 1 else ''}: start at most {gpus} process{'es' if gpus > 1 else ''} "
-                            f"per node (torchrun --nproc-per-node={gpus}), or train on the CPU with "
-                            f"--set train.device=cpu")
+                            f"per node ({how}), or train on the CPU with --set train.device=cpu")
         torch.cuda.set_device(info.local_rank % gpus)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=info.rank,
                             world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
