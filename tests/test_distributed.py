@@ -18,10 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from megabatch import checkpoint
-from megabatch.distributed import (DistInfo, accumulation, first_host, launch_environment,
+from megabatch.distributed import (DistInfo, accumulation, compress_hook, first_host, launch_environment,
                                    round_gradients, wrap_model)
 from megabatch.errors import UserError
 from megabatch.build import find_checkpoint
@@ -226,7 +225,7 @@ def _grads_worker(rank: int, init_file: str, results) -> None:
         info = DistInfo(rank, 2, rank, "test")
         g = torch.Generator().manual_seed(rank)
         random_c = torch.randn(1000, generator=g) * 10.0 ** torch.randint(-3, 3, (1000,), generator=g)
-        huge_c = torch.full((8,), 60000.0 if rank == 0 else 50000.0)  # the sum 110000 > fp16 max 65504
+        huge_c = torch.full((8,), 45000.0 if rank == 0 else 40000.0)  # the sum 85000 > fp16 max 65504
         out = {"c": random_c}
         for name, c in (("random", random_c), ("huge", huge_c)):
             for dtype in ("fp32", "fp16", "bf16"):
@@ -244,18 +243,20 @@ def count_all_reduces_per_step(info: DistInfo) -> tuple[int, int]:
     """All-reduce calls for one step of 4 micro-batches, with and without no_sync."""
     calls = []
 
-    def counting_hook(state, bucket):
+    from megabatch import distributed
+
+    def counting_hook(dtype, state, bucket):
         calls.append(1)
-        return default_hooks.fp16_compress_hook(state, bucket)
+        return compress_hook(dtype, state, bucket)
 
     counts = []
     for sync_every_micro_batch in (False, True):
         calls.clear()
-        with mock.patch.object(default_hooks, "fp16_compress_hook", counting_hook):
+        with mock.patch.object(distributed, "compress_hook", counting_hook):
             net = wrap_model(nn.Linear(4, 2), info, "fp16")
-        for i in range(4):
-            with accumulation(net, last=sync_every_micro_batch or i == 3):
-                net(torch.randn(3, 4)).sum().backward()
+            for i in range(4):
+                with accumulation(net, last=sync_every_micro_batch or i == 3):
+                    net(torch.randn(3, 4)).sum().backward()
         counts.append(len(calls))
     return tuple(counts)
 
@@ -296,13 +297,63 @@ def test_a_single_process_rounds_gradients_through_the_comm_dtype():
     assert torch.equal(model.weight.grad, exact.half().float())
 
 
-def test_fp16_gradients_are_divided_before_the_sum(reduced_grads):
-    # mean of 60000 and 50000; summing first would overflow fp16 (110000 > 65504) to inf
-    half = torch.float16
-    expected = torch.tensor(60000.0, dtype=half) / 2 + torch.tensor(50000.0, dtype=half) / 2  # 54976 in fp16
+def test_fp16_gradients_are_divided_by_the_root_of_the_world_size_before_and_after_the_sum(reduced_grads):
+    # mean of 45000 and 40000: summing undivided would overflow fp16 (85000 > 65504) to inf;
+    # each divided by sqrt(2) in fp32, cast, summed in fp16, divided by sqrt(2) again
+    half, root = torch.float16, 2 ** 0.5
+    expected = ((torch.tensor(45000.0 / root).to(half) + torch.tensor(40000.0 / root).to(half)).float() / root)
     assert torch.equal(reduced_grads[0]["huge", "fp16"], torch.full((8,), expected.item()))
-    assert torch.isinf(torch.tensor(60000.0, dtype=half) + torch.tensor(50000.0, dtype=half))
-    assert torch.equal(reduced_grads[0]["huge", "fp32"], torch.full((8,), 55000.0))
+    assert abs(expected.item() - 42500.0) < 32
+    assert torch.isinf(torch.tensor(45000.0, dtype=half) + torch.tensor(40000.0, dtype=half))
+    assert torch.equal(reduced_grads[0]["huge", "fp32"], torch.full((8,), 42500.0))
+
+
+class SummedInFp16:
+    """A stand-in for the all-reduce of ``world`` processes that all hold the same
+    tensor: it sums the copies one by one in the tensor's dtype, as a ring does."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+
+    def all_reduce(self, tensor, group=None, async_op=False):
+        total = tensor.clone()
+        for _ in range(self.world - 1):
+            total += tensor
+        tensor.copy_(total)
+        future = torch.futures.Future()
+        future.set_result([tensor])
+        return mock.Mock(get_future=lambda: future)
+
+
+def test_small_gradients_survive_the_fp16_mean_of_hundreds_of_processes(monkeypatch):
+    """At 512 processes, DDP's own fp16 hook (cast, then divide by 512 in fp16) puts
+    gradients of 1e-6 to 1e-4 into fp16's subnormals, the smallest to zero; dividing by
+    sqrt(512) on each side of the sum keeps them all, within the sum's own rounding."""
+    from megabatch import distributed
+
+    world = 512
+    fake = SummedInFp16(world)
+    monkeypatch.setattr(distributed.dist, "all_reduce", fake.all_reduce)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: world)
+    g = torch.linspace(1e-6, 1e-4, 1000)
+
+    class Bucket:
+        def __init__(self):
+            self.data = g.clone()
+
+        def buffer(self):
+            return self.data
+
+    ours = compress_hook(torch.float16, object(), Bucket()).wait()
+    torchs = (g.half() / world)  # DDP's fp16_compress_hook: cast, divide, then the sum
+    total = torchs.clone()
+    for _ in range(world - 1):
+        total += torchs
+    theirs = total.float()
+    error = lambda got: ((got - g).abs() / g).median().item()
+    # the sum's own fp16 rounding (a ring adds one process's share per hop) stays in both
+    assert error(ours) < 0.05 and error(theirs) > 0.1
+    assert (ours > 0).all() and (theirs[:10] == 0).all()  # the smallest flushed to zero by DDP's
 
 
 # --- equivalence: 2 processes x 4 workers == 1 process x 8 workers ---------------------
