@@ -129,15 +129,20 @@ def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
     """A user's own loop at ``config``'s precision, memory format and compile setting:
     torchvision ResNet-50, nn.BatchNorm2d over the whole batch, momentum SGD (PyTorch's
     default foreach path), autocast and, in fp16, a GradScaler; cuDNN autotuning and TF32
-    (the recipe's ``train.tf32``: off) as in megabatch's runs. Nothing of megabatch's
-    emulation: the ratio prices it alone."""
+    (the recipe's ``train.tf32``: off) as in megabatch's runs. It is fed as megabatch's
+    step is: a new batch of the same synthetic images each step, augmented as the recipe
+    says, and one host sync per step (megabatch's agreement on the loss). Nothing of
+    megabatch's emulation: the ratio prices it alone."""
     import torch
     import torch.nn.functional as F
     import torchvision
 
     from megabatch import recipe as recipes
+    from megabatch.batching import BatchPlan
+    from megabatch.bench import inputs
     from megabatch.build import AUTOCAST_DTYPES, backends, memory_format
     from megabatch.data import synthetic
+    from megabatch.data.images import ImageTensors
 
     torch.manual_seed(0)
     layout = memory_format(config.memory_format)
@@ -147,13 +152,16 @@ def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
     dtype = AUTOCAST_DTYPES[config.precision]
     device_type = torch.device(s.device).type
     scaler = torch.amp.GradScaler(device_type) if config.precision == "fp16" else None
-    train, _ = synthetic.make(s.batch, 1, s.image_size, 3, 1000)
-    x, y = train.batch(torch.arange(s.batch), s.device)
-    x = x.contiguous(memory_format=layout)
+    recipe = recipes.load(RECIPE)
+    made, _ = synthetic.make(s.batch, 1, s.image_size, 3, 1000)
+    train = ImageTensors(made.images.to(s.device), made.labels.to(s.device), made.mean, made.std, made.classes)
+    feed = inputs.steps(train, BatchPlan.create(s.batch, s.batch, s.batch), torch.device(s.device),
+                        recipe.data.augment, recipe.train.seed)
 
     def step() -> None:
+        [(x, y)] = list(next(feed))
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(net(x), y)
+            loss = F.cross_entropy(net(x.contiguous(memory_format=layout)), y)
         if scaler:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -162,8 +170,9 @@ def time_plain(s: Settings, config: Config, profile: bool = False) -> dict:
             loss.backward()
             optimizer.step()
         optimizer.zero_grad()
+        loss.item()  # one host sync per step, as megabatch's
 
-    with backends(torch.device(s.device), recipes.load(RECIPE)):  # as in megabatch's runs
+    with backends(torch.device(s.device), recipe):  # as in megabatch's runs
         with graphs_skipped(config) as skips:
             result = measure(step, s, s.batch, max(s.warmup, 2) if config.compile else None)
         result.update(skips)
