@@ -274,13 +274,7 @@ def restore_history(run: Run, state: dict[str, Any]) -> None:
     if own.get("epoch") == state["epoch"] and (not run.history or run.history[-1]["epoch"] < state["epoch"]):
         run.history.append(own)
     if run.dist.is_main and (metrics.exists() or run.history):
-        tmp = metrics.with_name(f".metrics.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(json.dumps(m) + "\n" for m in run.history))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, metrics)
-        checkpoint.sync_folder(run.out_dir)
+        metrics_log.write(metrics, run.history)
     run.progress.info(f"resuming from {state['path']} (iteration {run.iteration}, "
                       f"{state['epoch']} epochs done)")
 

@@ -8,9 +8,11 @@ refuses any other line that is not JSON, naming it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
+from megabatch.checkpoint import sync_folder
 from megabatch.errors import UserError
 
 
@@ -30,3 +32,15 @@ def read(path: Path, log: Callable[[str], Any] = lambda message: None) -> list[d
                                 "then resume again") from None
             log(f"dropping the last line of {path}: it was cut short")
     return epochs
+
+
+def write(path: Path, epochs: list[dict[str, Any]]) -> None:
+    """Replace the metrics.jsonl at ``path`` with ``epochs``, atomically (a temporary file,
+    flushed, renamed, and the rename flushed)."""
+    tmp = path.with_name(f".metrics.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(json.dumps(m) + "\n" for m in epochs))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    sync_folder(path.parent)
